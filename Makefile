@@ -1,0 +1,30 @@
+# Set-up and the everyday commands. `make repro` and `make test` install what is missing first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install repro test lint lock
+
+# Reinstalls only when the declared dependencies or the lock change.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The stages call `python -m pipeline.<stage>`: the venv goes first on PATH.
+repro: $(STAMP)
+	PATH="$(BIN):$$PATH" dvc repro
+
+test: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+# Refreshes the exact versions after a deliberate upgrade (`pip install -U ...` in the venv).
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock

@@ -1,0 +1,1 @@
+"""CIFAR-10 experiment pipeline: DVC stages, MLflow tracking, Optuna sweeps."""

@@ -1,0 +1,233 @@
+"""Reads params.yaml into typed, frozen objects; the only module that reads params.yaml.
+
+Every key is required (no defaults hide here: params.yaml is the single source of truth), unknown
+keys are refused, and each value is checked for type and range. Errors name the dotted key, the
+value found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+CIFAR10_TRAIN_IMAGES = 50_000  # the official training batches hold 5 x 10,000 images
+
+
+class ParamsError(PipelineError):
+    """params.yaml has a missing or unknown key, a wrong type or an out-of-range value."""
+
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def check(predicate: Callable[[Any], bool], allowed: str) -> dict[str, Check]:
+    """Field metadata: a range rule and its wording in error messages."""
+    return {"check": (predicate, allowed)}
+
+
+def positive() -> dict[str, Check]:
+    return check(lambda v: v > 0, "a number > 0")
+
+
+def non_negative() -> dict[str, Check]:
+    return check(lambda v: v >= 0, "a number >= 0")
+
+
+def fraction() -> dict[str, Check]:
+    """For dropout rates and the like: 0 <= value < 1."""
+    return check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+# --- the sections of params.yaml ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathsParams:
+    archive: Path
+    prepared: Path
+    data_report: Path
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty URL or path"))
+    sha256: str | None = field(
+        metadata=check(
+            lambda v: v is None or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
+            "null or 64 lowercase hex digits",
+        )
+    )
+    timeout: float = field(metadata=positive())
+    retries: int = field(metadata=non_negative())
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    validation_size: int = field(
+        metadata=check(
+            lambda v: 0 < v < CIFAR10_TRAIN_IMAGES,
+            f"an integer in [1, {CIFAR10_TRAIN_IMAGES - 1}] (the training set has "
+            f"{CIFAR10_TRAIN_IMAGES:,} images)",
+        )
+    )
+    seed: int = field(metadata=non_negative())
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: PathsParams
+    data: DataParams
+    preprocess: PreprocessParams
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain data (for logging, hashing and MLflow params)."""
+        return to_plain(getattr(self, name))
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Reads and validates params.yaml; raises ParamsError naming the offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the project root)") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    """Builds Params from a parsed YAML document (also used by tests to shrink the real one)."""
+    return _build(Params, raw, prefix="", source=source)
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses to dicts, Paths to strings, tuples to lists: what YAML and MLflow take."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, tuple | list):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'learning_rate': 0.01}} -> {'train.learning_rate': 0.01}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _build(cls: type[T], raw: Any, prefix: str, source: str) -> T:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{source}: {where} must be a mapping of keys, found {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (allowed in {where}: "
+            f"{', '.join(fields)})"
+        )
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise ParamsError(f"{source}: missing key '{prefix}{missing[0]}'")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        value = _convert(hints[name], raw[name], key, source)
+        rule = f.metadata.get("check")
+        if rule is not None and value is not None:
+            predicate, allowed = rule
+            if not predicate(value):
+                raise ParamsError(
+                    f"{source}: {key} = {raw[name]!r} is out of range: must be {allowed}"
+                )
+        values[name] = value
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", source)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ParamsError(
+                f"{source}: {key} = {value!r} is not allowed: must be one of {allowed}"
+            )
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{source}: {key} must be a list, found {_show(value)}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{source}: {key} must be true or false, found {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{source}: {key} must be an integer, found {_show(value)}")
+        return value
+    if hint is float:
+        number = _as_float(value)
+        if number is None or not math.isfinite(number):
+            raise ParamsError(f"{source}: {key} must be a finite number, found {_show(value)}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{source}: {key} must be a string, found {_show(value)}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ParamsError(f"{source}: {key} must be a relative path, found {_show(value)}")
+        return Path(value)
+    raise TypeError(f"config.py cannot read a field of type {hint!r} ({key})")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        # PyYAML reads `1e-6` (no dot) as a string; it is a number to anyone writing params.yaml.
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"

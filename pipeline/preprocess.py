@@ -1,0 +1,113 @@
+"""Stage `preprocess`: paths.archive -> train/validation/test arrays (paths.prepared) + data report.
+
+The validation split is carved from the training batches, stratified by class and seeded; the
+test batch passes through untouched. Pixels stay uint8: scaling belongs to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.atomic import write_json
+from pipeline.cifar import load_cifar10
+from pipeline.cli import run_stage
+from pipeline.config import PreprocessParams, load_params
+from pipeline.dataset import SPLITS, PreparedData, Split, write_prepared
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation), each in ascending order, with `size` validation images.
+
+    Each class gives its share of `size` in proportion to its count; the remainders go to the
+    classes with the largest fractional shares (ties to the lower class number), so the split is
+    exact for any size and the same for the same labels and seed.
+    """
+    if not 0 < size < len(labels):
+        raise PipelineError(
+            f"preprocess.validation_size = {size} must be between 1 and {len(labels) - 1}: "
+            f"the archive's training set has {len(labels):,} images"
+        )
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / len(labels)
+    shares = np.floor(exact).astype(int)
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: size - shares.sum()]:
+        shares[i] += 1
+    rng = np.random.default_rng(seed)
+    picked = [
+        rng.permutation(np.flatnonzero(labels == cls))[:share]
+        for cls, share in zip(classes, shares, strict=True)
+    ]
+    validation = np.sort(np.concatenate(picked))
+    train = np.setdiff1d(np.arange(len(labels)), validation, assume_unique=True)
+    return train, validation
+
+
+def prepare(archive: Path, params: PreprocessParams) -> PreparedData:
+    """Decodes the archive and splits off the validation set."""
+    cifar = load_cifar10(archive)
+    train_idx, val_idx = stratified_split(cifar.train_labels, params.validation_size, params.seed)
+    return PreparedData(
+        train=Split(cifar.train_images[train_idx], cifar.train_labels[train_idx]),
+        validation=Split(cifar.train_images[val_idx], cifar.train_labels[val_idx]),
+        test=Split(cifar.test_images, cifar.test_labels),
+        class_names=cifar.class_names,
+    )
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of pixels scaled to [0, 1].
+
+    Computed exactly from a 256-bin histogram per channel: no float copy of the images.
+    """
+    means, stds = [], []
+    values = np.arange(256) / 255.0
+    for channel in range(images.shape[-1]):
+        hist = np.bincount(images[..., channel].ravel(), minlength=256)
+        total = hist.sum()
+        mean = float((hist * values).sum() / total)
+        var = float((hist * (values - mean) ** 2).sum() / total)
+        means.append(round(mean, 6))
+        stds.append(round(var**0.5, 6))
+    return means, stds
+
+
+def data_report(data: PreparedData) -> dict[str, Any]:
+    """Images per class per split and per-channel statistics, for `dvc metrics show`."""
+    report: dict[str, Any] = {}
+    for name in SPLITS:
+        split = data.split(name)
+        counts = np.bincount(split.labels, minlength=len(data.class_names))
+        mean, std = channel_stats(split.images)
+        report[name] = {
+            "images": len(split),
+            "per_class": {cls: int(n) for cls, n in zip(data.class_names, counts, strict=True)},
+            "mean_rgb": mean,
+            "std_rgb": std,
+        }
+    return report
+
+
+def main() -> None:
+    params = load_params()
+    log.info("reading %s", params.paths.archive)
+    data = prepare(params.paths.archive, params.preprocess)
+    write_prepared(data, params.paths.prepared)
+    report = data_report(data)
+    write_json(report, params.paths.data_report)
+    log.info(
+        "wrote %s: %s train / %s validation / %s test images",
+        params.paths.prepared,
+        *(f"{report[name]['images']:,}" for name in SPLITS),
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

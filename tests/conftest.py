@@ -1,0 +1,311 @@
+"""Fixtures: tiny CIFAR-format archives in both layouts, a local HTTP server that serves them,
+and the real params.yaml shrunk for tests."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+
+# --- tiny CIFAR-10 -----------------------------------------------------------------------------
+
+
+@dataclass
+class TinyCifar:
+    """Batches as CIFAR stores them: uint8 (N, 3072) channel planes and int labels."""
+
+    train_batches: list[tuple[np.ndarray, list[int]]]
+    test_batch: tuple[np.ndarray, list[int]]
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return np.concatenate([labels for _, labels in self.train_batches])
+
+    @staticmethod
+    def planes_to_images(pixels: np.ndarray) -> np.ndarray:
+        return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def make_tiny_cifar(per_class: int = 4, test_per_class: int = 3, seed: int = 0) -> TinyCifar:
+    """5 training batches of `per_class` images per class each, and a test batch.
+
+    Each class has its own mean colour, so a model can learn something in an epoch or two.
+    """
+    rng = np.random.default_rng(seed)
+
+    def batch(n_per_class: int) -> tuple[np.ndarray, list[int]]:
+        labels = np.repeat(np.arange(10), n_per_class)
+        rng.shuffle(labels)
+        base = (labels[:, None] * 25).astype(np.int16)
+        noise = rng.integers(-20, 21, size=(len(labels), 3072))
+        pixels = np.clip(base + 20 + noise, 0, 255).astype(np.uint8)
+        return pixels, [int(label) for label in labels]
+
+    return TinyCifar([batch(per_class) for _ in range(5)], batch(test_per_class))
+
+
+class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Writes bytes as Python 2 `str` opcodes, as cPickle did for the official batches.
+
+    (Python 3 writes protocol-2 bytes as calls to _codecs.encode, which the official files,
+    and so the project's restricted unpickler, never use.)
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def py2_pickle(obj: Any) -> bytes:
+    """Protocol 2 with Python 2 strings, like the official cPickle files."""
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_python_archive(
+    path: Path, tiny: TinyCifar, extra: dict[str, bytes] | None = None
+) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        folder = tarfile.TarInfo("cifar-10-batches-py")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        meta = {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_vis": 3072}
+        _add(archive, "cifar-10-batches-py/batches.meta", py2_pickle(meta))
+        for i, (pixels, labels) in enumerate(tiny.train_batches, start=1):
+            batch = {b"batch_label": b"training", b"labels": labels, b"data": pixels}
+            _add(archive, f"cifar-10-batches-py/data_batch_{i}", py2_pickle(batch))
+        pixels, labels = tiny.test_batch
+        batch = {b"batch_label": b"testing", b"labels": labels, b"data": pixels}
+        _add(archive, "cifar-10-batches-py/test_batch", py2_pickle(batch))
+        for name, data in (extra or {}).items():
+            _add(archive, name, data)
+    return path
+
+
+def write_binary_archive(path: Path, tiny: TinyCifar) -> Path:
+    def records(pixels: np.ndarray, labels: list[int]) -> bytes:
+        return np.hstack([np.array(labels, dtype=np.uint8)[:, None], pixels]).tobytes()
+
+    with tarfile.open(path, "w:gz") as archive:
+        _add(
+            archive,
+            "cifar-10-batches-bin/batches.meta.txt",
+            ("\n".join(CLASS_NAMES) + "\n\n").encode(),
+        )
+        for i, batch in enumerate(tiny.train_batches, start=1):
+            _add(archive, f"cifar-10-batches-bin/data_batch_{i}.bin", records(*batch))
+        _add(archive, "cifar-10-batches-bin/test_batch.bin", records(*tiny.test_batch))
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinyCifar:
+    return make_tiny_cifar()
+
+
+@pytest.fixture(scope="session")
+def python_archive(tmp_path_factory: pytest.TempPathFactory, tiny: TinyCifar) -> Path:
+    return write_python_archive(
+        tmp_path_factory.mktemp("archives") / "cifar-10-python.tar.gz", tiny
+    )
+
+
+@pytest.fixture(scope="session")
+def binary_archive(tmp_path_factory: pytest.TempPathFactory, tiny: TinyCifar) -> Path:
+    return write_binary_archive(
+        tmp_path_factory.mktemp("archives") / "cifar-10-binary.tar.gz", tiny
+    )
+
+
+# --- a local HTTP server -------------------------------------------------------------------------
+
+
+@dataclass
+class ArchiveServer:
+    """Serves registered files on 127.0.0.1; honours Range; can cut a response or corrupt it."""
+
+    port: int = 0
+    files: dict[str, bytes] = field(default_factory=dict)
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    cut_responses: int = 0  # how many of the next responses to cut short
+    cut_at: int = 0  # bytes of body sent before a cut response is closed
+    corrupt: bool = False  # flip bytes in the middle of each body
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+
+def _handler(server_state: ArchiveServer) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def do_GET(self) -> None:
+            name = self.path.lstrip("/")
+            range_header = self.headers.get("Range")
+            server_state.requests.append((name, range_header))
+            data = server_state.files.get(name)
+            if data is None:
+                self.send_error(404, "Not Found")
+                return
+            if server_state.corrupt:
+                middle = len(data) // 2
+                data = (
+                    data[:middle]
+                    + bytes(b ^ 0xFF for b in data[middle : middle + 64])
+                    + data[middle + 64 :]
+                )
+            start = 0
+            if range_header and range_header.startswith("bytes="):
+                start = int(range_header[len("bytes=") :].split("-")[0])
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if server_state.cut_responses > 0:
+                server_state.cut_responses -= 1
+                self.wfile.write(body[: server_state.cut_at])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def http_server() -> Iterator[ArchiveServer]:
+    state = ArchiveServer()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- params and project copies ---------------------------------------------------------------
+
+
+@pytest.fixture
+def params_dict() -> dict[str, Any]:
+    """The real params.yaml, parsed, to be shrunk by each test."""
+    return copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+def shrink(params: dict[str, Any], archive_sha256: str | None = None) -> dict[str, Any]:
+    """The real params made small enough for the tiny archives (200 training images)."""
+    params = copy.deepcopy(params)
+    params["data"].update(sha256=archive_sha256, retries=2, timeout=5)
+    params["preprocess"]["validation_size"] = 30
+    return params
+
+
+def write_params(directory: Path, params: dict[str, Any]) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """The environment for a stage subprocess: this venv's python first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("CIFAR10_URL", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=run_env(**extra_env), capture_output=True, text=True)
+
+
+def copy_project(destination: Path) -> Path:
+    """A fresh git + DVC repository holding this project's tracked pipeline files."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(
+                source, destination / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            shutil.copy2(source, destination / name)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+    ):
+        result = run(cmd, destination)
+        assert result.returncode == 0, result.stderr
+    run(["git", "add", "-A"], destination)
+    result = run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], destination
+    )
+    assert result.returncode == 0, result.stderr
+    return destination

@@ -1,0 +1,156 @@
+"""Reading archives without trusting them: both layouts, hostile members, hostile pickles."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cifar import UnsafeArchiveError, load_cifar10
+from tests.conftest import CLASS_NAMES, TinyCifar, py2_pickle, write_python_archive
+
+
+def test_python_and_binary_layouts_give_identical_arrays(
+    tiny: TinyCifar, python_archive: Path, binary_archive: Path
+) -> None:
+    from_python = load_cifar10(python_archive)
+    from_binary = load_cifar10(binary_archive)
+    expected_train = np.concatenate([TinyCifar.planes_to_images(p) for p, _ in tiny.train_batches])
+    np.testing.assert_array_equal(from_python.train_images, expected_train)
+    np.testing.assert_array_equal(from_python.train_labels, tiny.train_labels)
+    np.testing.assert_array_equal(
+        from_python.test_images, TinyCifar.planes_to_images(tiny.test_batch[0])
+    )
+    assert from_python.train_images.dtype == np.uint8
+    assert from_python.train_images.shape == (200, 32, 32, 3)
+    assert from_python.class_names == tuple(CLASS_NAMES)
+    for field in ("train_images", "train_labels", "test_images", "test_labels", "class_names"):
+        np.testing.assert_array_equal(getattr(from_python, field), getattr(from_binary, field))
+
+
+def _archive_with(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        archive.addfile(member, io.BytesIO(data) if data else None)
+    return path
+
+
+def test_a_member_escaping_its_folder_is_refused(tmp_path: Path) -> None:
+    member = tarfile.TarInfo("cifar-10-batches-py/../../evil")
+    member.size = 4
+    with pytest.raises(UnsafeArchiveError, match="points outside the archive's folder"):
+        load_cifar10(_archive_with(tmp_path, member, b"evil"))
+    member = tarfile.TarInfo("/etc/evil")
+    member.size = 4
+    with pytest.raises(UnsafeArchiveError, match="points outside the archive's folder"):
+        load_cifar10(_archive_with(tmp_path, member, b"evil"))
+    assert not (tmp_path.parent / "evil").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [(tarfile.SYMTYPE, "symbolic link to '/etc/passwd'"), (tarfile.LNKTYPE, "hard link"),
+     (tarfile.CHRTYPE, "device"), (tarfile.FIFOTYPE, "FIFO")],
+)  # fmt: skip
+def test_links_and_devices_are_refused(tmp_path: Path, kind: bytes, message: str) -> None:
+    member = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+    member.type = kind
+    member.linkname = "/etc/passwd"
+    with pytest.raises(UnsafeArchiveError, match=message):
+        load_cifar10(_archive_with(tmp_path, member))
+
+
+def test_an_oversized_member_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as archive:
+        member = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        member.size = 100 * 2**20
+        archive.addfile(member)  # header only: a reader that trusted it would read 100 MB
+    with pytest.raises(
+        UnsafeArchiveError, match="more than the 67,108,864 a CIFAR-10 batch can be"
+    ):
+        load_cifar10(path)
+
+
+class _RunsACommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_a_command_runs_nothing(tmp_path: Path, tiny: TinyCifar) -> None:
+    marker = tmp_path / "pwned"
+    evil = py2_pickle({b"data": _RunsACommand(marker), b"labels": []})
+    archive = write_python_archive(
+        tmp_path / "evil.tar.gz", tiny, {"cifar-10-batches-py/data_batch_1": evil}
+    )
+    # The evil data_batch_1 comes after the good one in the tar stream and replaces it.
+    with pytest.raises(UnsafeArchiveError, match=r"the pickle asks for (posix|os)\.system"):
+        load_cifar10(archive)
+    assert not marker.exists()
+    # Proof that the payload is live: an ordinary unpickler would have run it.
+    pickle.loads(evil)
+    assert marker.exists()
+
+
+def test_a_batch_with_the_wrong_shape_is_refused(tmp_path: Path, tiny: TinyCifar) -> None:
+    bad = {
+        b"data": np.zeros((10, 1024), dtype=np.uint8),
+        b"labels": list(range(10)),
+        b"batch_label": b"x",
+    }
+    archive = write_python_archive(
+        tmp_path / "bad.tar.gz", tiny, {"cifar-10-batches-py/data_batch_3": py2_pickle(bad)}
+    )
+    with pytest.raises(
+        UnsafeArchiveError, match=r"data_batch_3: images have \(1024,\) values, expected \(3072,\)"
+    ):
+        load_cifar10(archive)
+    mismatched = {
+        b"data": np.zeros((10, 3072), dtype=np.uint8),
+        b"labels": [1, 2],
+        b"batch_label": b"x",
+    }
+    archive = write_python_archive(
+        tmp_path / "bad2.tar.gz", tiny, {"cifar-10-batches-py/test_batch": py2_pickle(mismatched)}
+    )
+    with pytest.raises(UnsafeArchiveError, match="10 images but 2 labels"):
+        load_cifar10(archive)
+
+
+def test_a_binary_batch_of_partial_records_is_refused(tmp_path: Path) -> None:
+    member = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
+    member.size = 3073 * 2 + 5
+    with pytest.raises(UnsafeArchiveError, match="not a whole number of 3073-byte records"):
+        load_cifar10(_archive_with(tmp_path, member, b"\0" * member.size))
+
+
+def test_truncated_and_corrupt_archives_are_reported_as_such(
+    tmp_path: Path, python_archive: Path
+) -> None:
+    data = python_archive.read_bytes()
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(data[: len(data) - 1000])
+    corrupt = tmp_path / "corrupt.tar.gz"
+    corrupt.write_bytes(
+        data[: len(data) // 2]
+        + bytes(b ^ 0x55 for b in data[len(data) // 2 : len(data) // 2 + 50])
+        + data[len(data) // 2 + 50 :]
+    )
+    for path in (truncated, corrupt):
+        with pytest.raises(UnsafeArchiveError, match="truncated or corrupt"):
+            load_cifar10(path)
+
+
+def test_missing_batches_are_named(tmp_path: Path, tiny: TinyCifar) -> None:
+    tiny_without = TinyCifar(tiny.train_batches[:3], tiny.test_batch)
+    archive = write_python_archive(tmp_path / "short.tar.gz", tiny_without)
+    with pytest.raises(UnsafeArchiveError, match="lacks data_batch_4, data_batch_5"):
+        load_cifar10(archive)

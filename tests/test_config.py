@@ -1,0 +1,87 @@
+"""params.yaml is read by one module into frozen objects; bad values fail naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import ParamsError, flatten, load_params, params_from_dict, to_plain
+from tests.conftest import ROOT, run, write_params
+
+
+def test_the_real_params_load_into_frozen_objects() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.preprocess.validation_size == 5000
+    assert params.paths.archive == Path("data/raw/cifar-10.tar.gz")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.preprocess.seed = 1  # type: ignore[misc]
+
+
+def test_plain_tree_round_trips_and_flattens(params_dict: dict[str, Any]) -> None:
+    params = params_from_dict(params_dict)
+    assert to_plain(params) == params_dict
+    flat = flatten(to_plain(params))
+    assert flat["preprocess.validation_size"] == 5000
+    assert flat["data.sha256"] is None
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        (
+            "preprocess",
+            "validation_size",
+            60_000,
+            "preprocess.validation_size = 60000 is out of range",
+        ),
+        ("preprocess", "validation_size", -5, "preprocess.validation_size = -5 is out of range"),
+        ("preprocess", "validation_size", "lots", "preprocess.validation_size must be an integer"),
+        ("preprocess", "validation_size", True, "preprocess.validation_size must be an integer"),
+        ("data", "timeout", -1, "data.timeout = -1 is out of range: must be a number > 0"),
+        ("data", "timeout", "soon", "data.timeout must be a finite number, found 'soon'"),
+        ("data", "sha256", "abc", "data.sha256 = 'abc' is out of range"),
+        ("data", "url", 42, "data.url must be a string, found 42 (int)"),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(
+    params_dict: dict[str, Any], section: str, key: str, value: Any, message: str
+) -> None:
+    params_dict[section][key] = value
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        params_from_dict(params_dict)
+
+
+def test_unknown_and_missing_keys_are_refused(params_dict: dict[str, Any]) -> None:
+    params_dict["preprocess"]["validaton_size"] = 10
+    with pytest.raises(ParamsError, match=r"unknown key 'preprocess.validaton_size' \(allowed"):
+        params_from_dict(params_dict)
+    del params_dict["preprocess"]["validaton_size"]
+    del params_dict["preprocess"]["seed"]
+    with pytest.raises(ParamsError, match="missing key 'preprocess.seed'"):
+        params_from_dict(params_dict)
+    params_dict["nonsense"] = {}
+    with pytest.raises(ParamsError, match="unknown key 'nonsense'"):
+        params_from_dict(params_dict)
+
+
+def test_a_float_written_without_a_dot_is_still_a_number(params_dict: dict[str, Any]) -> None:
+    params_dict["data"]["timeout"] = "1e1"  # PyYAML reads 1e1 as a string
+    assert params_from_dict(params_dict).data.timeout == 10.0
+
+
+def test_bad_params_fail_before_any_download(
+    tmp_path: Path, params_dict: dict[str, Any], http_server: Any
+) -> None:
+    params_dict["preprocess"]["validation_size"] = 50_001
+    write_params(tmp_path, params_dict)
+    result = run(
+        ["python", "-m", "pipeline.download"], tmp_path, CIFAR10_URL=http_server.url("x.tar.gz")
+    )
+    assert result.returncode == 1
+    assert "preprocess.validation_size = 50001 is out of range" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert http_server.requests == []
+    assert not (tmp_path / "data").exists()
