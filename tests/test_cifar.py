@@ -21,16 +21,19 @@ def test_python_and_binary_layouts_give_identical_arrays(
     from_python = load_cifar10(python_archive)
     from_binary = load_cifar10(binary_archive)
     expected_train = np.concatenate([TinyCifar.planes_to_images(p) for p, _ in tiny.train_batches])
-    np.testing.assert_array_equal(from_python.train_images, expected_train)
-    np.testing.assert_array_equal(from_python.train_labels, tiny.train_labels)
-    np.testing.assert_array_equal(
-        from_python.test_images, TinyCifar.planes_to_images(tiny.test_batch[0])
-    )
-    assert from_python.train_images.dtype == np.uint8
-    assert from_python.train_images.shape == (200, 32, 32, 3)
-    assert from_python.class_names == tuple(CLASS_NAMES)
-    for field in ("train_images", "train_labels", "test_images", "test_labels", "class_names"):
-        np.testing.assert_array_equal(getattr(from_python, field), getattr(from_binary, field))
+    everything = np.arange(200)
+    for cifar in (from_python, from_binary):
+        train = cifar.train_images(everything)
+        assert train.dtype == np.uint8 and train.flags.c_contiguous
+        np.testing.assert_array_equal(train, expected_train)
+        np.testing.assert_array_equal(cifar.train_labels, tiny.train_labels)
+        expected_test = TinyCifar.planes_to_images(tiny.test_batch[0])
+        np.testing.assert_array_equal(cifar.test_images(), expected_test)
+        np.testing.assert_array_equal(cifar.test_labels, tiny.test_batch[1])
+        assert cifar.class_names == tuple(CLASS_NAMES)
+    # A subset spanning several batches picks the same images as indexing the whole set.
+    subset = np.array([0, 39, 40, 41, 120, 199])
+    np.testing.assert_array_equal(from_python.train_images(subset), expected_train[subset])
 
 
 def _archive_with(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
