@@ -20,11 +20,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import numpy as np
-from isal import igzip_threaded  # ISA-L's gunzip, 2x faster than zlib's, in its own thread
-from isal.igzip_lib import IsalError
+from isal import igzip, isal_zlib  # ISA-L: inflates CIFAR-10 in 0.55 s, zlib in 1.1 s
 
 from pipeline.errors import PipelineError
 
+_IsalError: type[Exception] = isal_zlib.error  # a corrupt deflate stream, as ISA-L reports it
 PYTHON_DIR = "cifar-10-batches-py"
 BINARY_DIR = "cifar-10-batches-bin"
 TRAIN_BATCHES = 5
@@ -124,7 +124,7 @@ def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
                 pass
     except FileNotFoundError:
         raise UnsafeArchiveError(f"{path}: no such file") from None
-    except (tarfile.TarError, EOFError, zlib.error, IsalError, OSError) as error:
+    except (tarfile.TarError, EOFError, zlib.error, OSError, _IsalError) as error:
         raise UnsafeArchiveError(
             f"{path}: not a readable tar.gz archive ({type(error).__name__}: {error}); "
             "the file is truncated or corrupt: download it again"
@@ -136,8 +136,7 @@ def _open_stream(path: Path) -> BinaryIO:
     with path.open("rb") as file:
         magic = file.read(2)
     if magic == b"\x1f\x8b":
-        # One background thread inflates while this one parses the tar and decodes batches.
-        return igzip_threaded.open(path, "rb", threads=1)  # type: ignore[no-any-return]
+        return igzip.open(path, "rb")
     return path.open("rb")
 
 
