@@ -17,14 +17,16 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from isal import igzip, isal_zlib  # ISA-L: inflates CIFAR-10 in 0.55 s, zlib in 1.1 s
 
 from pipeline.errors import PipelineError
 
-_IsalError: type[Exception] = isal_zlib.error  # a corrupt deflate stream, as ISA-L reports it
+_IsalError = cast(
+    "type[Exception]", isal_zlib.error
+)  # a corrupt deflate stream, as ISA-L reports it
 PYTHON_DIR = "cifar-10-batches-py"
 BINARY_DIR = "cifar-10-batches-bin"
 TRAIN_BATCHES = 5
