@@ -1,14 +1,22 @@
-"""The shell shared by every stage's `main()`: logging set-up and one-line errors."""
+"""The shell shared by every stage's `main()`: logging, SIGTERM, and one-line errors."""
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (a killed `dvc repro`, a scheduler) unwinds like Ctrl-C, so open MLflow runs end
+    # KILLED and partial outputs are cleaned up by the same code paths.
+    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -19,8 +27,12 @@ def run_stage(main: Callable[[], None]) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except PipelineError as error:
         log.error("%s", error)
         sys.exit(1)
+    except KeyboardInterrupt as interrupt:
+        log.error("interrupted (%s); rerun `dvc repro` to resume", interrupt or "Ctrl-C")
+        sys.exit(130)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -57,6 +58,16 @@ class PathsParams:
     archive: Path
     prepared: Path
     data_report: Path
+    untrained_model: Path
+    model_summary: Path
+    model: Path
+    checkpoint: Path
+    run_info: Path
+    history: Path
+    train_metrics: Path
+    test_metrics: Path
+    confusion: Path
+    plots: Path
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,52 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    conv_filters: tuple[int, ...] = field(
+        metadata=check(lambda v: len(v) >= 1 and all(f > 0 for f in v), "a list of integers > 0")
+    )
+    dense_units: int = field(metadata=positive())
+    conv_dropout: float = field(metadata=fraction())
+    dense_dropout: float = field(metadata=fraction())
+    init_seed: int = field(metadata=non_negative())
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    flip: bool
+    translate: float = field(metadata=check(lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = field(metadata=positive())
+    batch_size: int = field(metadata=positive())
+    learning_rate: float = field(metadata=positive())
+    momentum: float = field(metadata=fraction())
+    nesterov: bool
+    decay: float = field(metadata=non_negative())
+    seed: int = field(metadata=non_negative())
+    deterministic: bool
+    augment: AugmentParams
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    experiment: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty name"))
+    registered_model: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty name"))
+    champion_alias: str = field(
+        metadata=check(lambda v: re.fullmatch(r"[A-Za-z_][\w-]*", v) is not None, "an alias name")
+    )
+
+
+@dataclass(frozen=True)
 class Params:
     paths: PathsParams
     data: DataParams
     preprocess: PreprocessParams
+    model: ModelParams
+    train: TrainParams
+    mlflow: MlflowParams
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data (for logging, hashing and MLflow params)."""

@@ -1,8 +1,10 @@
 """The prepared splits on disk (paths.prepared): written by preprocess, read by train and evaluate.
 
-One uint8 `.npy` per array (`train_images.npy`, `train_labels.npy`, ...) and `classes.json`.
-Plain .npy files load at disk speed, can be memory-mapped and are byte-identical for identical
-arrays (a .npz stores timestamps), so DVC's cache sees no change when nothing changed.
+One folder per split, `<prepared>/<split>/images.npy` and `labels.npy`, plus `classes.json`.
+Each split is its own DVC output, so it has its own DVC hash (MLflow's dataset digest) and a
+stage can depend on train and validation without touching test. Plain .npy files load at disk
+speed and are byte-identical for identical arrays (a .npz stores timestamps), so DVC's cache
+sees no change when nothing changed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import write_json
 from pipeline.errors import PipelineError
 
 SPLITS = ("train", "validation", "test")
@@ -41,34 +44,39 @@ class PreparedData:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
 
-def write_prepared(data: PreparedData, out_dir: Path) -> None:
-    """Writes the splits to a temporary folder beside out_dir, then swaps it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        for name in SPLITS:
-            split = data.split(name)
-            np.save(staging / f"{name}_images.npy", split.images, allow_pickle=False)
-            np.save(staging / f"{name}_labels.npy", split.labels, allow_pickle=False)
-        (staging / CLASSES_FILE).write_text(json.dumps(list(data.class_names), indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_split(prepared_dir: Path, name: str, mmap: bool = False) -> Split:
-    """One split; `mmap=True` maps the images instead of reading them (for huge sets)."""
+def split_dir(prepared_dir: Path, name: str) -> Path:
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-    paths = [prepared_dir / f"{name}_{kind}.npy" for kind in ("images", "labels")]
+    return prepared_dir / name
+
+
+def write_prepared(data: PreparedData, prepared_dir: Path) -> None:
+    """Writes each split to a temporary folder beside its place, then swaps it in."""
+    prepared_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        split, final = data.split(name), split_dir(prepared_dir, name)
+        staging = prepared_dir / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            np.save(staging / "images.npy", split.images, allow_pickle=False)
+            np.save(staging / "labels.npy", split.labels, allow_pickle=False)
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    write_json(list(data.class_names), prepared_dir / CLASSES_FILE)
+
+
+def load_split(prepared_dir: Path, name: str) -> Split:
+    """One split, checked for shape and dtype."""
+    folder = split_dir(prepared_dir, name)
+    paths = [folder / "images.npy", folder / "labels.npy"]
     for path in paths:
         if not path.is_file():
             raise PipelineError(f"{path}: missing; run `dvc repro preprocess` first")
-    images = np.load(paths[0], mmap_mode="r" if mmap else None, allow_pickle=False)
+    images = np.load(paths[0], allow_pickle=False)
     labels = np.load(paths[1], allow_pickle=False)
     if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels):
         raise PipelineError(

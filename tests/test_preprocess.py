@@ -80,12 +80,18 @@ def test_the_same_inputs_give_byte_identical_outputs(
     tmp_path: Path, python_archive: Path, binary_archive: Path, params_dict: dict[str, Any]
 ) -> None:
     def digests(prepared: Path) -> dict[str, str]:
-        return {path.name: sha256_of(path) for path in sorted(prepared.iterdir())}
+        files = sorted(p for p in prepared.rglob("*") if p.is_file())
+        return {path.relative_to(prepared).as_posix(): sha256_of(path) for path in files}
 
     first = digests(run_preprocess(tmp_path / "a", python_archive, params_dict))
     second = digests(run_preprocess(tmp_path / "b", python_archive, params_dict))
     from_binary = digests(run_preprocess(tmp_path / "c", binary_archive, params_dict))
     assert first == second == from_binary
+    assert set(first) == {
+        f"{split}/{kind}.npy"
+        for split in ("train", "validation", "test")
+        for kind in ("images", "labels")
+    } | {"classes.json"}
     report = (tmp_path / "a/metrics/data.json").read_bytes()
     assert report == (tmp_path / "b/metrics/data.json").read_bytes()
 

@@ -1,0 +1,205 @@
+"""Stage `evaluate`: paths.model on the test split -> test metrics, confusion matrix, plots.
+
+Continues the MLflow run that train opened (paths.run_info), logs the test figures, logs the
+model with its signature and registers it; the champion alias moves only to a better model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pipeline import tracking
+from pipeline.atomic import write_json, write_text
+from pipeline.cli import run_stage
+from pipeline.config import PARAMS_FILE, load_params
+from pipeline.dataset import Split, load_class_names, load_split
+from pipeline.errors import PipelineError
+from pipeline.model import load_model
+from pipeline.training import EVAL_BATCH_SIZE, input_pipeline
+
+log = logging.getLogger(__name__)
+
+CONFUSION_PNG = "confusion.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    confusion: np.ndarray  # (classes, classes): rows actual, columns predicted
+    predictions: np.ndarray  # predicted class per test image
+    probabilities: np.ndarray
+
+    def per_class(self) -> dict[str, np.ndarray]:
+        """Precision, recall, F1 and support per class (0 where undefined)."""
+        true_positive = np.diag(self.confusion).astype(float)
+        predicted = self.confusion.sum(axis=0)
+        actual = self.confusion.sum(axis=1)
+        precision = np.divide(
+            true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0
+        )
+        recall = np.divide(
+            true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0
+        )
+        total = precision + recall
+        f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+        return {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+
+
+def evaluate(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> Evaluation:
+    """Cross-entropy, accuracy and the confusion matrix from predicted probabilities."""
+    picked = probabilities[np.arange(len(labels)), labels]
+    loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))  # Keras clips the same way
+    predictions = probabilities.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    accuracy = float(np.mean(predictions == labels))
+    return Evaluation(loss, accuracy, confusion, predictions, probabilities)
+
+
+def metrics_report(result: Evaluation, class_names: tuple[str, ...]) -> dict[str, object]:
+    """test_loss, test_accuracy, macro averages, and per-class precision/recall/F1/support."""
+    per_class = result.per_class()
+    return {
+        "test_loss": round(result.loss, 6),
+        "test_accuracy": round(result.accuracy, 6),
+        "macro_precision": round(float(per_class["precision"].mean()), 6),
+        "macro_recall": round(float(per_class["recall"].mean()), 6),
+        "macro_f1": round(float(per_class["f1"].mean()), 6),
+        "per_class": {
+            name: {
+                "precision": round(float(per_class["precision"][i]), 6),
+                "recall": round(float(per_class["recall"][i]), 6),
+                "f1": round(float(per_class["f1"][i]), 6),
+                "support": int(per_class["support"][i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+    }
+
+
+def flat_metrics(report: dict[str, object]) -> dict[str, float]:
+    """The report as MLflow metric names: test_accuracy, macro_f1, f1_cat, recall_ship, ..."""
+    flat = {key: float(value) for key, value in report.items() if isinstance(value, float | int)}
+    per_class = report["per_class"]
+    assert isinstance(per_class, dict)
+    for name, figures in per_class.items():
+        for key in ("precision", "recall", "f1"):
+            flat[f"{key}_{name}"] = float(figures[key])
+    return flat
+
+
+def confusion_csv(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...]) -> str:
+    """actual,predicted per test image: DVC's confusion template counts them."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(
+        (class_names[a], class_names[p]) for a, p in zip(labels, predictions, strict=True)
+    )
+    return out.getvalue()
+
+
+def draw_confusion(confusion: np.ndarray, class_names: tuple[str, ...], path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(8, 7))
+    image = axes.imshow(confusion, cmap="Blues")
+    axes.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axes.set_yticks(range(len(class_names)), class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("actual")
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    axes.set_title(f"Test confusion matrix (accuracy {accuracy:.2%})")
+    threshold = confusion.max() / 2
+    for (row, col), count in np.ndenumerate(confusion):
+        axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                  color="white" if count > threshold else "black")  # fmt: skip
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def draw_misclassified(
+    test: Split, result: Evaluation, class_names: tuple[str, ...], path: Path, count: int = 25
+) -> None:
+    """A grid of the first misclassified test images, labelled true versus predicted."""
+    wrong = np.flatnonzero(result.predictions != test.labels)[:count]
+    columns = 5
+    rows = max(1, -(-len(wrong) // columns))
+    figure, axes_grid = plt.subplots(
+        rows, columns, figsize=(columns * 2, rows * 2.2), squeeze=False
+    )
+    for axes in axes_grid.flat:
+        axes.axis("off")
+    for axes, index in zip(axes_grid.flat, wrong, strict=False):
+        axes.imshow(test.images[index])
+        confidence = result.probabilities[index, result.predictions[index]]
+        actual, predicted = class_names[test.labels[index]], class_names[result.predictions[index]]
+        axes.set_title(f"true: {actual}\npred: {predicted} ({confidence:.0%})", fontsize=8)
+    total_wrong = int((result.predictions != test.labels).sum())
+    figure.suptitle(f"Misclassified test images (first {len(wrong)} of {total_wrong})")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(tmp, dpi=100, metadata={"Software": None})  # no version stamp: stable bytes
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def main() -> None:
+    params = load_params()
+    paths = params.paths
+    try:
+        run_id = json.loads(paths.run_info.read_text())["run_id"]
+    except (FileNotFoundError, KeyError, ValueError):
+        raise PipelineError(
+            f"{paths.run_info}: missing or unreadable; run `dvc repro train` first"
+        ) from None
+    class_names = load_class_names(paths.prepared)
+    test = load_split(paths.prepared, "test")
+    model = load_model(paths.model)
+
+    with tracking.tracked_run(params.mlflow.experiment, run_id=run_id):
+        probabilities = model.predict(input_pipeline(test, EVAL_BATCH_SIZE), verbose=0)
+        result = evaluate(probabilities, test.labels.astype(np.int64), len(class_names))
+        report = metrics_report(result, class_names)
+        write_json(report, paths.test_metrics)
+        write_text(confusion_csv(test.labels, result.predictions, class_names), paths.confusion)
+        draw_confusion(result.confusion, class_names, paths.plots / CONFUSION_PNG)
+        draw_misclassified(test, result, class_names, paths.plots / MISCLASSIFIED_PNG)
+
+        tracking.log_dataset(test, "test", paths.prepared / "test", "test")
+        tracking.log_summary(flat_metrics(report))
+        tracking.log_artifacts(
+            [paths.test_metrics, paths.confusion, PARAMS_FILE, tracking.DVC_LOCK]
+        )
+        tracking.log_artifacts(
+            [paths.plots / CONFUSION_PNG, paths.plots / MISCLASSIFIED_PNG], "plots"
+        )
+        tracking.log_and_register_model(
+            model,
+            example=test.images[:2],
+            registered_model=params.mlflow.registered_model,
+            alias=params.mlflow.champion_alias,
+            test_accuracy=result.accuracy,
+        )
+    log.info("test accuracy %.4f, loss %.4f", result.accuracy, result.loss)
+
+
+if __name__ == "__main__":
+    run_stage(main)

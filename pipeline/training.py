@@ -1,0 +1,194 @@
+"""The one training function, shared by the `train` stage, the `tune` stage and the benchmarks.
+
+`fit` compiles nothing and tracks nothing: the optimiser comes from `compile_model`, and MLflow,
+Optuna and checkpoints plug in as Keras callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import AugmentParams, TrainParams
+from pipeline.dataset import Split
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 500  # validation/prediction batch: larger is faster and changes no result
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+
+History = dict[str, list[float]]
+
+
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite; the model is not worth keeping."""
+
+
+def time_decay(
+    learning_rate: float, decay: float
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Keras 2's SGD(decay=...): lr / (1 + decay * iterations). Keras 3 ignores `decay` silently."""
+    return keras.optimizers.schedules.InverseTimeDecay(
+        learning_rate, decay_steps=1, decay_rate=decay
+    )
+
+
+def make_optimizer(params: TrainParams) -> keras.optimizers.Optimizer:
+    return keras.optimizers.SGD(
+        learning_rate=time_decay(params.learning_rate, params.decay),
+        momentum=params.momentum,
+        nesterov=params.nesterov,
+    )
+
+
+def compile_model(model: keras.Model, params: TrainParams) -> None:
+    """SGD with time decay; integer labels, so sparse categorical cross-entropy."""
+    model.compile(
+        optimizer=make_optimizer(params),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def seed_everything(params: TrainParams) -> None:
+    """Seeds Python, NumPy and TensorFlow; with `deterministic`, also TF's op determinism."""
+    keras.utils.set_random_seed(params.seed)
+    if params.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+# --- input ----------------------------------------------------------------------------------------
+
+
+def input_pipeline(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    augment: AugmentParams | None = None,
+) -> tf.data.Dataset:
+    """Batches of (uint8 images, labels) through tf.data.
+
+    Shuffling permutes indices, not images (a 45,000-image shuffle buffer would copy 135 MB per
+    epoch), and batches are gathered from one in-memory copy. Reshuffled every epoch, from
+    `shuffle_seed`.
+    """
+    images = tf.constant(split.images)
+    labels = tf.constant(split.labels.astype(np.int32))
+    indices = tf.data.Dataset.range(len(split))
+    if shuffle_seed is not None:
+        indices = indices.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
+    batches = indices.batch(batch_size).map(
+        lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    if augment is not None and (augment.flip or augment.translate > 0):
+        rng = tf.random.Generator.from_seed(0 if shuffle_seed is None else shuffle_seed)
+        batches = batches.map(
+            lambda x, y: (augment_batch(x, augment, rng), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def augment_batch(images: tf.Tensor, augment: AugmentParams, rng: tf.random.Generator) -> tf.Tensor:
+    """Random horizontal flips and shifts (zero-padded) of a uint8 batch, image by image."""
+    size = images.shape[1]
+    if augment.flip:
+        flip = rng.uniform([tf.shape(images)[0], 1, 1, 1]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    pad = round(augment.translate * size)
+    if pad > 0:
+        batch = tf.shape(images)[0]
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        offsets = rng.uniform([batch, 2], 0, 2 * pad + 1, dtype=tf.int32)
+        rows = offsets[:, :1] + tf.range(size)[None, :]  # (batch, size)
+        cols = offsets[:, 1:] + tf.range(size)[None, :]
+        images = tf.gather(padded, rows, axis=1, batch_dims=1)
+        images = tf.gather(images, cols, axis=2, batch_dims=1)
+    return images
+
+
+# --- callbacks ------------------------------------------------------------------------------------
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Adds the learning rate to each epoch's logs, stops on a non-finite loss, keeps history.
+
+    It runs first among the callbacks, so the others (MLflow, Optuna, checkpoints) see the
+    learning rate and never see a diverged epoch.
+    """
+
+    def __init__(self, history: History | None = None) -> None:
+        super().__init__()
+        self.history: History = {key: list(values) for key, values in (history or {}).items()}
+        self.diverged: str | None = None
+        self.epoch_seconds: list[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is None:
+            return
+        self.epoch_seconds.append(time.perf_counter() - self._started)
+        logs["learning_rate"] = float(self.model.optimizer.learning_rate)
+        loss = float(logs.get("loss", math.nan))
+        if not math.isfinite(loss):
+            self.diverged = (
+                f"the training loss became {loss} in epoch {epoch + 1} (learning rate "
+                f"{logs['learning_rate']:.3g}); lower train.learning_rate"
+            )
+            self.model.stop_training = True
+            logs.clear()  # later callbacks must not record or checkpoint this epoch
+            return
+        for key in HISTORY_KEYS:
+            self.history.setdefault(key, []).append(float(logs[key]))
+
+
+def fit(
+    model: keras.Model,
+    train: Split,
+    validation: Split,
+    params: TrainParams,
+    *,
+    initial_epoch: int = 0,
+    history: History | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 1 if sys.stdout.isatty() else 2,
+) -> History:
+    """Trains a compiled model from `initial_epoch` to `params.epochs`; returns the full history.
+
+    `history` holds the epochs before `initial_epoch` (a resumed run). Raises TrainingDiverged
+    when the loss turns NaN or infinite.
+    """
+    # Each epoch's shuffle order depends on the seed and where training (re)starts.
+    train_data = input_pipeline(
+        train,
+        params.batch_size,
+        shuffle_seed=params.seed + initial_epoch,
+        augment=params.augment,
+    )
+    validation_data = input_pipeline(validation, EVAL_BATCH_SIZE)
+    recorder = EpochRecorder(history)
+    model.fit(
+        train_data,
+        validation_data=validation_data,
+        epochs=params.epochs,
+        initial_epoch=initial_epoch,
+        callbacks=[recorder, *callbacks],
+        shuffle=False,  # the input pipeline shuffles
+        verbose=verbose,
+    )
+    if recorder.diverged:
+        raise TrainingDiverged(recorder.diverged)
+    return recorder.history
