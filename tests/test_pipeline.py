@@ -1,0 +1,289 @@
+"""The real `dvc repro` of all five stages on tiny data, and the MLflow record it leaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import (
+    ROOT,
+    copy_project,
+    free_port,
+    make_tiny_cifar,
+    run,
+    run_env,
+    sha256_of,
+    shrink,
+    write_params,
+    write_python_archive,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_training_params(archive: Path, **train: Any) -> dict[str, Any]:
+    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
+    params["model"].update(conv_filters=[4, 8], dense_units=16)
+    params["train"].update({"epochs": 2, "batch_size": 16, **train})
+    return params
+
+
+def new_project(tmp: Path, **train: Any) -> tuple[Path, dict[str, str]]:
+    """A fresh repository with tiny params, and the environment its stages run in."""
+    archive = write_python_archive(tmp / "cifar.tar.gz", make_tiny_cifar())
+    project = copy_project(tmp / "project")
+    write_params(project, tiny_training_params(archive, **train))
+    env = {"CIFAR10_URL": str(archive), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    return project, env
+
+
+def mlflow_client(project: Path) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def run_id_of(project: Path) -> str:
+    return str(json.loads((project / "models/mlflow_run.json").read_text())["run_id"])
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str], str]]:
+    """One real `dvc repro` of the five stages, shared by the tests that only read its results."""
+    project, env = new_project(tmp_path_factory.mktemp("repro"))
+    result = run(["dvc", "repro"], project, **env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    yield project, env, result.stdout
+
+
+def test_dvc_repro_runs_the_five_stages_then_nothing(
+    repro: tuple[Path, dict[str, str], str],
+) -> None:
+    project, env, stdout = repro
+    for stage in ("download", "preprocess", "build", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in stdout
+    outputs = [
+        "models/model.keras", "models/untrained.keras", "models/summary.txt",
+        "metrics/train.json", "metrics/test.json", "metrics/history.csv",
+        "plots/confusion.csv", "plots/confusion.png", "plots/misclassified.png",
+    ]  # fmt: skip
+    for output in outputs:
+        assert (project / output).is_file(), output
+    assert not (project / "models/checkpoint").exists()
+    history = (project / "metrics/history.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate"
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
+    test = json.loads((project / "metrics/test.json").read_text())
+    assert set(test) >= {
+        "test_loss",
+        "test_accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+    }
+    assert set(test["per_class"]["cat"]) == {"precision", "recall", "f1", "support"}
+    assert len((project / "plots/confusion.csv").read_text().splitlines()) == 1 + 30
+
+    again = run(["dvc", "repro"], project, **env)
+    assert again.returncode == 0, again.stderr
+    assert "Running stage" not in again.stdout
+
+    plots = run(["dvc", "plots", "show", "--json"], project, **env)
+    assert plots.returncode == 0, plots.stderr
+    shown = json.loads(plots.stdout)["data"]
+    assert {"Loss", "Accuracy", "Confusion matrix (test)"} <= set(shown)
+
+
+def test_the_mlflow_run_holds_params_metrics_tags_inputs_artifacts(
+    repro: tuple[Path, dict[str, str], str],
+) -> None:
+    project, _, _ = repro
+    client = mlflow_client(project)
+    run_ = client.get_run(run_id_of(project))
+    assert run_.info.status == "FINISHED"
+    assert client.get_experiment(run_.info.experiment_id).name == "cifar10-cnn"
+    params = run_.data.params
+    assert params["train.learning_rate"] == "0.01" and params["model.conv_dropout"] == "0.25"
+    assert params["train.augment.flip"] == "False" and params["preprocess.validation_size"] == "30"
+    history = client.get_metric_history(run_.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+    for metric in ("loss", "accuracy", "val_loss", "learning_rate"):
+        assert len(client.get_metric_history(run_.info.run_id, metric)) == 2
+    metrics = run_.data.metrics
+    for metric in (
+        "test_loss",
+        "test_accuracy",
+        "macro_f1",
+        "f1_cat",
+        "recall_truck",
+        "best_val_accuracy",
+    ):
+        assert metric in metrics
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+    tags = run_.data.tags
+    assert tags["data.train_dvc_hash"] == outs["data/prepared/train"]
+    assert tags["data.archive_md5"] == outs["data/raw/cifar-10.tar.gz"]
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    inputs = {d.dataset.name: d.dataset.digest for d in run_.inputs.dataset_inputs}
+    assert inputs == {
+        split: outs[f"data/prepared/{split}"] for split in ("train", "validation", "test")
+    }
+    artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert {
+        "params.yaml",
+        "dvc.lock",
+        "history.csv",
+        "test.json",
+        "train.json",
+        "plots",
+    } <= artifacts
+    plots = {a.path for a in client.list_artifacts(run_.info.run_id, "plots")}
+    assert plots == {"plots/confusion.png", "plots/misclassified.png"}
+
+
+def test_the_model_is_registered_and_predicts_raw_pixels_through_pyfunc(
+    repro: tuple[Path, dict[str, str], str],
+) -> None:
+    import mlflow
+
+    project, env, _ = repro
+    client = mlflow_client(project)
+    champion = client.get_model_version_by_alias("cifar10-cnn", "champion")
+    assert champion.run_id == run_id_of(project)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/cifar10-cnn@champion")
+        signature = model.metadata.get_input_schema().inputs[0]
+        assert signature.type == np.dtype(np.uint8) and signature.shape == (-1, 32, 32, 3)
+        images = np.load(project / "data/prepared/test/images.npy")[:5]
+        probabilities = np.asarray(model.predict(images))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert probabilities.shape == (5, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mlflow_models_serve_answers_raw_pixels_over_http(
+    repro: tuple[Path, dict[str, str], str],
+) -> None:
+    project, env, _ = repro
+    port = free_port()
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/cifar10-cnn@champion", "--env-manager",
+         "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=run_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
+            assert time.monotonic() < deadline, "the scoring server did not start within 120 s"
+            time.sleep(0.5)
+        images = np.load(project / "data/prepared/test/images.npy")[:3]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = np.asarray(json.loads(response.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert predictions.shape == (3, 10)
+    np.testing.assert_allclose(predictions.sum(axis=1), 1.0, rtol=1e-4)
+
+
+def wait_for_epoch(
+    project: Path, epoch: int, process: subprocess.Popen[str], timeout: float = 120
+) -> int:
+    state = project / "models/checkpoint/state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.is_file():
+            try:
+                completed = int(json.loads(state.read_text())["epoch"])
+            except (ValueError, KeyError):
+                completed = 0  # being replaced right now
+            if completed >= epoch:
+                return completed
+        assert process.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
+
+
+def test_an_interrupted_repro_ends_its_run_killed_and_the_next_one_resumes(tmp_path: Path) -> None:
+    project, env = new_project(tmp_path, epochs=40)
+    assert run(["dvc", "repro", "build", "preprocess"], project, **env).returncode == 0
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["dvc", "repro"], cwd=project, env=run_env(**env), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    # SIGTERM to the whole `dvc repro` (what a scheduler or a closed terminal sends).
+    first = start()
+    wait_for_epoch(project, 2, first)
+    os.killpg(first.pid, signal.SIGTERM)
+    output = first.communicate(timeout=60)[0]
+    assert first.returncode != 0
+    client = mlflow_client(project)
+    (killed,) = client.search_runs([client.get_experiment_by_name("cifar10-cnn").experiment_id])
+    assert killed.info.status == "KILLED", output[-2000:]
+    assert not (project / "models/model.keras").exists()
+
+    # SIGKILL: nothing can run on the way out; the run stays RUNNING until it is resumed.
+    second = start()
+    reached = wait_for_epoch(project, 5, second)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait(timeout=30)
+    assert client.get_run(killed.info.run_id).info.status == "RUNNING"
+
+    third = run(["dvc", "repro"], project, **env)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    resumed_at = [line for line in third.stderr.splitlines() if "resuming from epoch" in line]
+    assert resumed_at and int(resumed_at[0].split("resuming from epoch ")[1].split()[0]) >= reached
+    assert run_id_of(project) == killed.info.run_id  # one run for the whole execution
+    final = client.get_run(killed.info.run_id)
+    assert final.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val_accuracy")]
+    assert sorted(steps) == list(range(1, 41))  # every epoch exactly once
+    epochs = [
+        line.split(",")[0]
+        for line in (project / "metrics/history.csv").read_text().splitlines()[1:]
+    ]
+    assert epochs == [str(e) for e in range(1, 41)]
+
+
+def test_a_nan_loss_fails_the_stage_cleanly(tmp_path: Path) -> None:
+    project, env = new_project(tmp_path, learning_rate=1e6, epochs=5)
+    result = run(["dvc", "repro", "train"], project, **env)
+    assert result.returncode != 0
+    assert (
+        "the training loss became" in result.stderr and "lower train.learning_rate" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (project / "models/model.keras").exists()
+    client = mlflow_client(project)
+    (failed,) = client.search_runs([client.get_experiment_by_name("cifar10-cnn").experiment_id])
+    assert failed.info.status == "FAILED"
