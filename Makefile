@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test lint lock
+.PHONY: install repro tune handback test lint lock
 
 # Reinstalls only when the declared dependencies or the lock change.
 $(STAMP): pyproject.toml requirements.lock
@@ -18,6 +18,14 @@ install: $(STAMP)
 # The stages call `python -m pipeline.<stage>`: the venv goes first on PATH.
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
+
+# The Optuna sweep (sweep/dvc.yaml); never part of `make repro`. Then `make handback` writes the
+# best values into params.yaml, and `make repro` trains and evaluates that configuration.
+tune: $(STAMP)
+	PATH="$(BIN):$$PATH" dvc repro sweep/dvc.yaml
+
+handback: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pipeline.handback
 
 test: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)

@@ -32,7 +32,6 @@ RESULTS = Path(__file__).parent / "results"
 def run_side(side: str, epochs: int, batch_size: int) -> dict[str, Any]:
     """Trains in this process and returns per-epoch seconds (and tracking seconds)."""
     import keras
-    import numpy as np
 
     from pipeline.config import load_params
     from pipeline.dataset import load_split
@@ -104,7 +103,14 @@ def run_side(side: str, epochs: int, batch_size: int) -> dict[str, Any]:
                     EpochCheckpoint(Path(tmp) / "checkpoint", "benchmark", run.info.run_id, {}),
                     tracking.EpochLogger(),
                 ]
-                fit(model, train, validation, train_params, callbacks=[Timed(inner), timer], verbose=2)
+                fit(
+                    model,
+                    train,
+                    validation,
+                    train_params,
+                    callbacks=[Timed(inner), timer],
+                    verbose=2,
+                )
     return {
         "epoch_seconds": timer.seconds,
         "tracking_seconds": tracking_seconds,
@@ -121,7 +127,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "images_per_second": round(result["train_images"] / median, 1),
     }
     if result["tracking_seconds"]:
-        share = statistics.median(result["tracking_seconds"][1:] or result["tracking_seconds"]) / median
+        share = (
+            statistics.median(result["tracking_seconds"][1:] or result["tracking_seconds"]) / median
+        )
         summary["tracking_seconds_per_epoch"] = [round(s, 3) for s in result["tracking_seconds"]]
         summary["tracking_share_of_epoch"] = round(share, 4)
     return summary

@@ -68,6 +68,9 @@ class PathsParams:
     test_metrics: Path
     confusion: Path
     plots: Path
+    best_params: Path
+    trials: Path
+    sweep_plots: Path
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class TrainParams:
     decay: float = field(metadata=non_negative())
     seed: int = field(metadata=non_negative())
     deterministic: bool
+    distribute: Literal["none", "mirrored"]
     augment: AugmentParams
 
 
@@ -135,6 +139,75 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class RangeParams:
+    """A search range for one hyperparameter."""
+
+    low: float
+    high: float
+    log: bool  # sample uniformly on a log scale (for learning rates)
+
+    def problem(self) -> str | None:
+        if self.low >= self.high:
+            return f"low ({self.low}) must be below high ({self.high})"
+        if self.log and self.low <= 0:
+            return f"low ({self.low}) must be > 0 on a log scale"
+        return None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    learning_rate: RangeParams
+    momentum: RangeParams
+    conv_dropout: RangeParams
+    dense_dropout: RangeParams
+
+    def problem(self) -> str | None:
+        for name in ("momentum", "conv_dropout", "dense_dropout"):
+            bounds: RangeParams = getattr(self, name)
+            if bounds.low < 0 or bounds.high >= 1:
+                return f"{name}: [{bounds.low}, {bounds.high}] must lie within [0, 1)"
+        if self.learning_rate.low <= 0:
+            return f"learning_rate: low ({self.learning_rate.low}) must be > 0"
+        return None
+
+
+# What each tune.space entry tunes, by its dotted name in params.yaml.
+TUNED_PARAMS = {
+    "learning_rate": "train.learning_rate",
+    "momentum": "train.momentum",
+    "conv_dropout": "model.conv_dropout",
+    "dense_dropout": "model.dense_dropout",
+}
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    study_name: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty name"))
+    storage: str = field(metadata=check(lambda v: "://" in v, "a database URL (sqlite:///...)"))
+    n_trials: int = field(metadata=positive())
+    timeout: float | None = field(metadata=positive())
+    epochs: int = field(metadata=positive())
+    train_fraction: float = field(metadata=check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    sampler: Literal["tpe", "random"]
+    seed: int = field(metadata=non_negative())
+    pruner: Literal["median", "hyperband", "none"]
+    startup_trials: int = field(metadata=non_negative())
+    warmup_epochs: int = field(metadata=non_negative())
+    heartbeat_seconds: int = field(metadata=positive())
+    grace_seconds: int = field(metadata=positive())
+    connect_seconds: int = field(metadata=positive())
+    space: SearchSpace
+
+    def problem(self) -> str | None:
+        if self.grace_seconds <= self.heartbeat_seconds:
+            return (
+                f"grace_seconds ({self.grace_seconds}) must exceed heartbeat_seconds "
+                f"({self.heartbeat_seconds}), or live trials would be failed"
+            )
+        return None
+
+
+@dataclass(frozen=True)
 class Params:
     paths: PathsParams
     data: DataParams
@@ -142,6 +215,7 @@ class Params:
     model: ModelParams
     train: TrainParams
     mlflow: MlflowParams
+    tune: TuneParams
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data (for logging, hashing and MLflow params)."""
@@ -163,6 +237,41 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return params_from_dict(raw, source=str(path))
+
+
+def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
+    """Sets dotted keys in params.yaml, keeping its comments and layout; validates first.
+
+    Only the given values change: the file is edited as a round-trip document (ruamel.yaml),
+    checked as a whole, and then replaced atomically.
+    """
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+
+    from pipeline.atomic import write_text
+
+    path = Path(path)
+    editor = YAML()  # round-trip: comments, order, flow style and quotes survive
+    editor.width = 4096  # never re-wrap long lines
+    editor.representer.add_representer(  # keep `null` written as `null`, not as nothing
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    document = editor.load(path.read_text())
+    for dotted, value in values.items():
+        node = document
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node, Mapping) or key not in node:
+                raise ParamsError(f"{path}: cannot set '{dotted}': there is no '{key}' section")
+            node = node[key]
+        if leaf not in node:
+            raise ParamsError(f"{path}: cannot set '{dotted}': no such key")
+        node[leaf] = value
+    text = StringIO()
+    editor.dump(document, text)
+    params_from_dict(yaml.safe_load(text.getvalue()), source=str(path))  # refuse a bad result
+    write_text(text.getvalue(), path)
 
 
 def params_from_dict(raw: Any, source: str = "params") -> Params:
@@ -220,7 +329,12 @@ def _build(cls: type[T], raw: Any, prefix: str, source: str) -> T:
                     f"{source}: {key} = {raw[name]!r} is out of range: must be {allowed}"
                 )
         values[name] = value
-    return cls(**values)
+    built = cls(**values)
+    problem = getattr(built, "problem", None)
+    message = problem() if problem is not None else None
+    if message:
+        raise ParamsError(f"{source}: {where}: {message}")
+    return built
 
 
 def _convert(hint: Any, value: Any, key: str, source: str) -> Any:

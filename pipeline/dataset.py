@@ -44,6 +44,37 @@ class PreparedData:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
 
+def stratified_split(
+    labels: np.ndarray, size: int, seed: int, what: str = "preprocess.validation_size"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, picked), each in ascending order, with `size` picked images.
+
+    Each class gives its share of `size` in proportion to its count; the remainders go to the
+    classes with the largest fractional shares (ties to the lower class number), so the split is
+    exact for any size and the same for the same labels and seed. `what` names the setting that
+    asked for `size`, for the error message.
+    """
+    if not 0 < size < len(labels):
+        raise PipelineError(
+            f"{what} asks for {size} images; it must be between 1 and {len(labels) - 1}: "
+            f"the set it is taken from has {len(labels):,} images"
+        )
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / len(labels)
+    shares = np.floor(exact).astype(int)
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: size - shares.sum()]:
+        shares[i] += 1
+    rng = np.random.default_rng(seed)
+    picked = [
+        rng.permutation(np.flatnonzero(labels == cls))[:share]
+        for cls, share in zip(classes, shares, strict=True)
+    ]
+    validation = np.sort(np.concatenate(picked))
+    train = np.setdiff1d(np.arange(len(labels)), validation, assume_unique=True)
+    return train, validation
+
+
 def split_dir(prepared_dir: Path, name: str) -> Path:
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")

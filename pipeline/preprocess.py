@@ -16,38 +16,9 @@ from pipeline.atomic import write_json
 from pipeline.cifar import load_cifar10
 from pipeline.cli import run_stage
 from pipeline.config import PreprocessParams, load_params
-from pipeline.dataset import SPLITS, PreparedData, Split, write_prepared
-from pipeline.errors import PipelineError
+from pipeline.dataset import SPLITS, PreparedData, Split, stratified_split, write_prepared
 
 log = logging.getLogger(__name__)
-
-
-def stratified_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, validation), each in ascending order, with `size` validation images.
-
-    Each class gives its share of `size` in proportion to its count; the remainders go to the
-    classes with the largest fractional shares (ties to the lower class number), so the split is
-    exact for any size and the same for the same labels and seed.
-    """
-    if not 0 < size < len(labels):
-        raise PipelineError(
-            f"preprocess.validation_size = {size} must be between 1 and {len(labels) - 1}: "
-            f"the archive's training set has {len(labels):,} images"
-        )
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * size / len(labels)
-    shares = np.floor(exact).astype(int)
-    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - shares[i]), i))
-    for i in order[: size - shares.sum()]:
-        shares[i] += 1
-    rng = np.random.default_rng(seed)
-    picked = [
-        rng.permutation(np.flatnonzero(labels == cls))[:share]
-        for cls, share in zip(classes, shares, strict=True)
-    ]
-    validation = np.sort(np.concatenate(picked))
-    train = np.setdiff1d(np.arange(len(labels)), validation, assume_unique=True)
-    return train, validation
 
 
 def prepare(archive: Path, params: PreprocessParams) -> PreparedData:

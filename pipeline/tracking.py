@@ -1,25 +1,33 @@
 """The one module that talks to MLflow: runs, params, metrics, tags, datasets, models, registry.
 
-Store: MLFLOW_TRACKING_URI when set; otherwise MLflow's own default in the working directory
-(`mlflow.db`, artifacts in `mlruns/`), so `mlflow ui` started in the project root shows the runs.
+Store: MLFLOW_TRACKING_URI when set; otherwise MLflow's own default layout in the project root
+(`mlflow.db`, artifacts in `mlruns/`), so `mlflow ui` started there shows the runs. The project
+root is the working directory, except inside a DVC queued experiment, which runs in a temporary
+copy under `<project>/.dvc/tmp/exps/`: its runs go to `<project>`'s store, not the copy's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
+import signal
 import subprocess
+import threading
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 import mlflow
 import mlflow.tensorflow
 import numpy as np
+import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.data.numpy_dataset import from_numpy
@@ -30,24 +38,104 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.config import Params, flatten, to_plain
 from pipeline.dataset import Split
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 DVC_LOCK = Path("dvc.lock")
 MODEL_ARTIFACT = "model"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DVC_EXPERIMENT_WORKSPACES = (".dvc", "tmp", "exps")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM until the block is done, then lets them through.
+
+    An interrupt inside an MLflow write would leave its SQLite transaction open and the store
+    locked, so the run could not even be marked KILLED. Writes are short; the signal waits.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def uninterrupted(function: F) -> F:
+    """Runs `function` inside `signals_held()`."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with signals_held():
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The directory whose MLflow store runs belong to (see the module docstring)."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    for index in range(len(parts) - len(DVC_EXPERIMENT_WORKSPACES)):
+        if parts[index : index + len(DVC_EXPERIMENT_WORKSPACES)] == DVC_EXPERIMENT_WORKSPACES:
+            return Path(*parts[:index])
+    return Path(*parts)
+
+
+def use_store() -> Path | None:
+    """Points MLflow at the store; returns the project root when it is the default store."""
+    if os.environ.get(TRACKING_URI_ENV):
+        return None
+    root = project_root()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return root
+
+
+def use_experiment(name: str) -> str:
+    """Points MLflow at the store and the experiment; returns the experiment id.
+
+    With the default store, a new experiment keeps its artifacts in `<project>/mlruns`
+    (MLflow would otherwise use `./mlruns` of whatever directory created it).
+    """
+    root = use_store()
+    if root is not None and mlflow.get_experiment_by_name(name) is None:
+        with contextlib.suppress(MlflowException):  # another process created it meanwhile
+            mlflow.create_experiment(name, artifact_location=(root / "mlruns").as_uri())
+    return str(mlflow.set_experiment(name).experiment_id)
 
 
 @contextlib.contextmanager
 def tracked_run(
-    experiment: str, run_id: str | None = None, run_name: str | None = None
+    experiment: str,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    *,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    finished_on: tuple[type[BaseException], ...] = (),
 ) -> Iterator[Run]:
     """Starts (or, given `run_id`, resumes) a run and always ends it.
 
-    FINISHED on success, KILLED on Ctrl-C or SIGTERM (the stages turn SIGTERM into
-    KeyboardInterrupt), FAILED on any other exception. No run is left RUNNING.
+    FINISHED on success or on an exception in `finished_on` (a pruned trial is not a failure),
+    KILLED on Ctrl-C or SIGTERM (the stages turn SIGTERM into KeyboardInterrupt), FAILED on any
+    other exception. No run is left RUNNING. With `parent_run_id`, the run is nested under it.
     """
-    mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_id=run_id, run_name=run_name)
+    experiment_id = use_experiment(experiment)
+    with signals_held():
+        run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            run_name=run_name,
+            nested=parent_run_id is not None,
+            parent_run_id=parent_run_id,
+            tags=dict(tags) if tags else None,
+        )
     log.info(
         "MLflow run %s (%s) in experiment %r at %s",
         run.info.run_id,
@@ -57,15 +145,68 @@ def tracked_run(
     )
     try:
         yield run
+    except finished_on:
+        _end_run("FINISHED")
+        raise
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    _end_run("FINISHED")
 
 
+@uninterrupted
+def _end_run(status: str) -> None:
+    mlflow.end_run(status)
+
+
+@uninterrupted
+def create_run(experiment: str, run_name: str, tags: Mapping[str, str], params: Params) -> str:
+    """Creates a run without making it active (a sweep's parent); returns its id."""
+    experiment_id = use_experiment(experiment)
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    flat = flatten(to_plain(params))
+    for key, value in flat.items():
+        client.log_param(run.info.run_id, key, "null" if value is None else value)
+    client.set_terminated(run.info.run_id, "FINISHED")  # workers resume it while they run
+    return str(run.info.run_id)
+
+
+def wait_for_store(seconds: float) -> None:
+    """For an MLflow server: retries its /health for up to `seconds`, then fails naming the URL."""
+    uri = os.environ.get(TRACKING_URI_ENV, "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + seconds
+    wait = 1.0
+    while True:
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=10)
+            if response.ok:
+                return
+            cause = f"HTTP {response.status_code} {response.reason}"
+        except requests.RequestException as error:
+            cause = f"{type(error).__name__}: {str(error)[:200]}"
+        if time.monotonic() + wait > deadline:
+            raise PipelineError(
+                f"MLflow tracking server {uri} unreachable ({cause}); gave up after "
+                f"{seconds:.0f} s. Check that it is running, or unset {TRACKING_URI_ENV} to use "
+                "the local store"
+            )
+        log.warning("MLflow server %s unreachable (%s); retrying in %.0f s", uri, cause, wait)
+        time.sleep(wait)
+        wait = min(wait * 2, 15)
+
+
+@uninterrupted
+def set_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
+
+
+@uninterrupted
 def log_params(params: Params) -> None:
     """The whole resolved params tree, with dotted keys: train.learning_rate, model.conv_dropout."""
     flat = {
@@ -74,6 +215,7 @@ def log_params(params: Params) -> None:
     mlflow.log_params(flat)
 
 
+@uninterrupted
 def log_epoch(epoch: int, logs: Mapping[str, float]) -> None:
     """One epoch's metrics, at step = epoch number (1-based)."""
     mlflow.log_metrics({key: float(value) for key, value in logs.items()}, step=epoch)
@@ -87,23 +229,31 @@ class EpochLogger(keras.callbacks.Callback):
             log_epoch(epoch + 1, logs)
 
 
+@uninterrupted
 def log_summary(metrics: Mapping[str, float]) -> None:
     """Figures that belong to the run rather than to an epoch (best epoch, test scores)."""
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
 
 
-def end_abandoned_run(run_id: str) -> None:
-    """Ends as KILLED a run whose process died (SIGKILL) and that will not be resumed."""
+@uninterrupted
+def end_abandoned_run(
+    run_id: str, status: str = "KILLED", tags: Mapping[str, str] | None = None
+) -> None:
+    """Ends a run whose process died (SIGKILL, a lost machine) and that will not be resumed."""
+    use_store()
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
     except MlflowException:
         return
     if run.info.status == "RUNNING":
-        client.set_terminated(run_id, "KILLED")
-        log.info("ended abandoned MLflow run %s as KILLED", run_id)
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status)
+        log.info("ended abandoned MLflow run %s as %s", run_id, status)
 
 
+@uninterrupted
 def backfill_history(run_id: str, history: Mapping[str, list[float]]) -> None:
     """Logs the epochs of `history` that the run lacks (a run killed between checkpoint and log)."""
     client = MlflowClient()
@@ -146,6 +296,7 @@ def git_state() -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
+@uninterrupted
 def log_provenance(params: Params) -> None:
     """Tags: git commit and dirtiness, the DVC hashes of the archive and the prepared data."""
     hashes = dvc_hashes()
@@ -157,6 +308,7 @@ def log_provenance(params: Params) -> None:
     mlflow.set_tags(tags)
 
 
+@uninterrupted
 def log_dataset(split: Split, name: str, source: Path, context: str) -> None:
     """An MLflow dataset input whose digest is the split's DVC hash (the UI's Dataset column)."""
     digest = dvc_hashes().get(source.as_posix(), "unknown")
@@ -168,6 +320,7 @@ def log_dataset(split: Split, name: str, source: Path, context: str) -> None:
     mlflow.log_input(dataset, context=context)
 
 
+@uninterrupted
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
     for path in paths:
         if path.is_file():
@@ -192,6 +345,7 @@ class Registration:
     previous_champion: str | None
 
 
+@uninterrupted
 def log_and_register_model(
     model: keras.Model,
     example: np.ndarray,

@@ -25,7 +25,14 @@ from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, Params, load_params
 from pipeline.dataset import load_split
 from pipeline.model import load_model, save_model
-from pipeline.training import HISTORY_KEYS, History, compile_model, fit, seed_everything
+from pipeline.training import (
+    HISTORY_KEYS,
+    History,
+    compile_model,
+    distribution_strategy,
+    fit,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +140,14 @@ def main() -> None:
     fingerprint = run_fingerprint(params)
     state = load_checkpoint(paths.checkpoint, fingerprint)
     seed_everything(params.train)
-    if state is None:
-        shutil.rmtree(paths.checkpoint, ignore_errors=True)
-        model = load_model(paths.untrained_model)
-        compile_model(model, params.train)
-    else:
-        log.info("resuming from epoch %d of %d", state.epoch, params.train.epochs)
-        model = load_model(paths.checkpoint / state.model_file)  # compiled, optimiser included
+    with distribution_strategy(params.train).scope():
+        if state is None:
+            shutil.rmtree(paths.checkpoint, ignore_errors=True)
+            model = load_model(paths.untrained_model)
+            compile_model(model, params.train)
+        else:
+            log.info("resuming from epoch %d of %d", state.epoch, params.train.epochs)
+            model = load_model(paths.checkpoint / state.model_file)  # compiled, with optimiser
 
     with tracking.tracked_run(
         params.mlflow.experiment, run_id=state.run_id if state else None

@@ -66,6 +66,20 @@ def seed_everything(params: TrainParams) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def distribution_strategy(params: TrainParams) -> tf.distribute.Strategy:
+    """`mirrored`: one replica per GPU (per logical CPU device if there is no GPU).
+
+    Build and compile the model inside `strategy.scope()`. `batch_size` is the global batch:
+    each of N replicas gets batch_size / N images per step.
+    """
+    if params.distribute == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
+        log.info("MirroredStrategy over %d replicas", strategy.num_replicas_in_sync)
+        return strategy
+    return tf.distribute.get_strategy()  # the default: no distribution
+
+
 # --- input ----------------------------------------------------------------------------------------
 
 

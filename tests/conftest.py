@@ -10,12 +10,15 @@ import io
 import os
 import pickle
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,7 +291,7 @@ def run(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProc
 def copy_project(destination: Path) -> Path:
     """A fresh git + DVC repository holding this project's tracked pipeline files."""
     destination.mkdir(parents=True, exist_ok=True)
-    for name in ("pipeline", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"):
+    for name in ("pipeline", "sweep", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(
@@ -309,3 +312,129 @@ def copy_project(destination: Path) -> Path:
     )
     assert result.returncode == 0, result.stderr
     return destination
+
+
+# --- real servers: PostgreSQL and an MLflow tracking server --------------------------------------
+
+
+def _postgres_bin(name: str) -> str:
+    found = shutil.which(name) or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None
+    )
+    if found is None:
+        raise RuntimeError(
+            f"PostgreSQL's {name} not found: .ci/run installs it (apt-get install postgresql)"
+        )
+    return str(found)
+
+
+@dataclass
+class Postgres:
+    host: str
+    port: int
+    user: str
+    base: Path
+    as_user: list[str]
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            [
+                *self.as_user,
+                _postgres_bin("pg_ctl"),
+                "-D",
+                str(self.base / "data"),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+        )
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_postgres() -> Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, run as `postgres` when we are root."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # under /tmp: reachable by `postgres`
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(base, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", free_port()
+    subprocess.run(
+        [*as_user, _postgres_bin("initdb"), "-D", str(data), "-U", "pipeline", "--auth=trust", "-E", "UTF8"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    subprocess.run(
+        [*as_user, _postgres_bin("pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-o", options, "-w", "start"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return Postgres("127.0.0.1", port, "pipeline", base, as_user)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
+    port = free_port()
+    process = subprocess.Popen(
+        ["mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return MlflowServer(url, process)
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"mlflow server on {url} did not start (exit code {process.poll()})")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    postgres: Postgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
+    """A real `mlflow server` on 127.0.0.1 with the PostgreSQL cluster as its backend store."""
+    server = start_mlflow_server(
+        postgres.create_database("mlflow"), tmp_path_factory.mktemp("artifacts")
+    )
+    try:
+        yield server
+    finally:
+        server.stop()

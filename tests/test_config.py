@@ -85,3 +85,53 @@ def test_bad_params_fail_before_any_download(
     assert "Traceback" not in result.stderr
     assert http_server.requests == []
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda p: p["train"].update(learning_rate=-0.1),
+            "train.learning_rate = -0.1 is out of range",
+        ),
+        (
+            lambda p: p["model"].update(dense_dropout=1.5),
+            "model.dense_dropout = 1.5 is out of range",
+        ),
+        (
+            lambda p: p["train"]["augment"].update(flip="yes"),
+            "train.augment.flip must be true or false",
+        ),
+        (
+            lambda p: p["tune"].update(pruner="sometimes"),
+            "tune.pruner = 'sometimes' is not allowed: must be one of 'median', 'hyperband', 'none'",
+        ),
+        (
+            lambda p: p["tune"]["space"]["momentum"].update(low=0.9, high=0.5),
+            "tune.space.momentum: low (0.9) must be below high (0.5)",
+        ),
+        (
+            lambda p: p["tune"]["space"]["conv_dropout"].update(high=1.2),
+            "tune.space: conv_dropout: [0.0, 1.2] must lie within [0, 1)",
+        ),
+        (
+            lambda p: p["tune"]["space"]["learning_rate"].update(low=0.0),
+            "tune.space.learning_rate: low (0.0) must be > 0 on a log scale",
+        ),
+        (
+            lambda p: p["tune"].update(grace_seconds=10, heartbeat_seconds=30),
+            "tune: grace_seconds (10) must exceed heartbeat_seconds (30)",
+        ),
+        (
+            lambda p: p["model"].update(conv_filters=[32, 0]),
+            "model.conv_filters = [32, 0] is out of range",
+        ),
+    ],
+)
+def test_training_and_sweep_params_are_checked(
+    params_dict: dict[str, Any], change: Any, message: str
+) -> None:
+    change(params_dict)
+    with pytest.raises(ParamsError) as error:
+        params_from_dict(params_dict)
+    assert message in str(error.value)

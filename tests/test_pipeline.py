@@ -276,7 +276,7 @@ def test_an_interrupted_repro_ends_its_run_killed_and_the_next_one_resumes(tmp_p
 
 
 def test_a_nan_loss_fails_the_stage_cleanly(tmp_path: Path) -> None:
-    project, env = new_project(tmp_path, learning_rate=1e6, epochs=5)
+    project, env = new_project(tmp_path, learning_rate=1e9, epochs=5)
     result = run(["dvc", "repro", "train"], project, **env)
     assert result.returncode != 0
     assert (

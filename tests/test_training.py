@@ -109,7 +109,7 @@ def test_same_seed_with_determinism_gives_the_same_metrics(
 def test_a_nan_loss_stops_training_with_a_clear_error(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
-    params = small(params_dict, learning_rate=1e6, epochs=5)
+    params = small(params_dict, learning_rate=1e9, epochs=5)
     seed_everything(params.train)
     model = build_model(params.model)
     compile_model(model, params.train)

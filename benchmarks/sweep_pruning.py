@@ -1,0 +1,136 @@
+"""Benchmark: the same sweep budget with and without pruning, on a subset of the real data.
+
+Both sweeps draw the same trials (the same seeded TPE sampler, the same budget of trials and
+epochs per trial), through the real `pipeline.tune.sweep` on throwaway SQLite and MLflow stores;
+one prunes with the median pruner, the other runs every trial to the end. Reported: the best
+validation accuracy each found and the epochs each trained. Needs `dvc repro preprocess`.
+
+    python benchmarks/sweep_pruning.py --trials 16 --epochs 6 --fraction 0.2
+
+Also reports each process's peak memory after every trial (memory stays flat across trials
+because each trial clears the Keras session). Writes benchmarks/results/sweep_pruning.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_sweep(pruner: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import optuna
+
+    from pipeline import tune
+    from pipeline.config import load_params
+
+    base = load_params()
+    params = dataclasses.replace(
+        base,
+        tune=dataclasses.replace(
+            base.tune,
+            study_name=f"bench-{pruner}",
+            storage=f"sqlite:///{workdir / f'{pruner}.db'}",
+            n_trials=args.trials,
+            epochs=args.epochs,
+            train_fraction=args.fraction,
+            pruner=pruner,
+            startup_trials=args.startup,
+            warmup_epochs=args.warmup,
+        ),
+        paths=dataclasses.replace(
+            base.paths,
+            best_params=workdir / pruner / "best.yaml",
+            trials=workdir / pruner / "trials.csv",
+            sweep_plots=workdir / pruner / "plots",
+        ),
+    )
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    rss_after_trial: list[float] = []
+    original = tune.StopWhenFull.__call__
+
+    def record(self: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        rss_after_trial.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        original(self, study, trial)
+
+    tune.StopWhenFull.__call__ = record  # type: ignore[method-assign]
+    start = time.perf_counter()
+    best = tune.sweep(params)
+    seconds = time.perf_counter() - start
+    study = optuna.load_study(study_name=params.tune.study_name, storage=params.tune.storage)
+    trials = study.get_trials()
+    return {
+        "best_val_accuracy": best["val_accuracy"],
+        "best_trial": best["trial"],
+        "epochs_trained": sum(t.user_attrs.get("epochs", 0) for t in trials),
+        "trials": {
+            state: sum(t.state.name == state for t in trials)
+            for state in ("COMPLETE", "PRUNED", "FAIL")
+        },
+        "seconds": round(seconds, 1),
+        "peak_rss_mb_after_each_trial": [round(r) for r in rss_after_trial],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--fraction", type=float, default=0.2, help="share of the training split")
+    parser.add_argument(
+        "--startup", type=int, default=4, help="median pruner: trials before pruning"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="median pruner: epochs before pruning"
+    )
+    parser.add_argument("--side", choices=["median", "none"], help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_sweep(args.side, args, Path(tmp))
+        args.output.write_text(json.dumps(result))
+        return
+
+    import subprocess
+    import sys
+
+    sides = {}
+    for side in ("median", "none"):  # each in a fresh process: its own memory figure
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            command = [sys.executable, __file__, "--side", side, "--output", out.name]
+            for flag in ("trials", "epochs", "fraction", "startup", "warmup"):
+                command += [f"--{flag}", str(getattr(args, flag))]
+            subprocess.run(command, check=True)
+            sides["pruned" if side == "median" else "unpruned"] = json.loads(
+                Path(out.name).read_text()
+            )
+    pruned, unpruned = sides["pruned"], sides["unpruned"]
+    report = {
+        "benchmark": "sweep with and without pruning, same budget",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "settings": vars(args) | {"side": None, "output": None},
+        "results": sides,
+        "accuracy_gap_points": round(
+            100 * (unpruned["best_val_accuracy"] - pruned["best_val_accuracy"]), 2
+        ),
+        "epochs_ratio": round(pruned["epochs_trained"] / unpruned["epochs_trained"], 3),
+        "goals": {"accuracy_gap_points_at_most": 1.0, "epochs_ratio_at_most": 0.4},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sweep_pruning.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

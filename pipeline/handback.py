@@ -1,0 +1,45 @@
+"""`python -m pipeline.handback`: the sweep's best values (paths.best_params) into params.yaml.
+
+Only the tuned keys change; comments and layout stay. The next `dvc repro` then trains and
+evaluates exactly that configuration, and `dvc params diff` shows what moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import yaml
+
+from pipeline.cli import run_stage
+from pipeline.config import PARAMS_FILE, TUNED_PARAMS, load_params, update_params_file
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def apply_best(params_file: Path, best_file: Path) -> dict[str, float]:
+    """Sets the tuned keys of `params_file` to the values in `best_file`; returns them."""
+    try:
+        best = yaml.safe_load(best_file.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{best_file}: missing; run the sweep first (`make tune`)") from None
+    found = best.get("params") if isinstance(best, dict) else None
+    if not isinstance(found, dict):
+        raise PipelineError(f"{best_file}: expected a 'params' mapping of dotted names to values")
+    values = {name: float(found[name]) for name in TUNED_PARAMS.values() if name in found}
+    if not values or not all(math.isfinite(value) for value in values.values()):
+        raise PipelineError(f"{best_file}: no usable values under 'params'")
+    update_params_file(params_file, values)
+    return values
+
+
+def main() -> None:
+    params = load_params()
+    for name, value in apply_best(PARAMS_FILE, params.paths.best_params).items():
+        log.info("params.yaml: %s = %s", name, value)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,260 @@
+"""Sweeps: a real Optuna study on tiny data, SQLite storage, MLflow nesting, resume, hand-back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from pipeline.handback import apply_best
+from tests.conftest import (
+    ROOT,
+    copy_project,
+    make_tiny_cifar,
+    run,
+    run_env,
+    sha256_of,
+    shrink,
+    write_params,
+    write_python_archive,
+)
+
+pytestmark = pytest.mark.slow
+
+STUDY = "tiny-sweep"
+State = optuna.trial.TrialState
+
+
+def sweep_params(archive: Path, **tune: Any) -> dict[str, Any]:
+    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
+    params["model"].update(conv_filters=[4, 8], dense_units=16)
+    params["train"].update(epochs=2, batch_size=16)
+    params["tune"].update(
+        {
+            "study_name": STUDY,
+            "storage": "sqlite:///optuna.db",
+            "n_trials": 3,
+            "epochs": 2,
+            "train_fraction": 1.0,
+            "startup_trials": 1,
+            "warmup_epochs": 0,
+            "heartbeat_seconds": 1,
+            "grace_seconds": 3,
+            **tune,
+        }
+    )
+    return params
+
+
+def sweep_project(tmp: Path, **tune: Any) -> tuple[Path, dict[str, str]]:
+    """A repository with tiny data prepared, tiny params, and its own MLflow store."""
+    archive = write_python_archive(tmp / "cifar.tar.gz", make_tiny_cifar())
+    project = copy_project(tmp / "project")
+    write_params(project, sweep_params(archive, **tune))
+    env = {"CIFAR10_URL": str(archive), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    result = run(["dvc", "repro", "preprocess"], project, **env)
+    assert result.returncode == 0, result.stderr
+    return project, env
+
+
+def load(project: Path) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{project / 'optuna.db'}")
+
+
+def mlflow_runs(project: Path) -> tuple[Any, list[Any], list[Any]]:
+    """(client, parent runs, child runs) of the project's sweep experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cifar10-cnn")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path: Path) -> None:
+    project, env = sweep_project(tmp_path)
+    result = run(["dvc", "repro", "sweep/dvc.yaml"], project, **env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    study = load(project)
+    assert len(study.trials) == 3
+    assert all(t.state in (State.COMPLETE, State.PRUNED) for t in study.trials)
+    trials_csv = (project / "sweep/trials.csv").read_text().splitlines()
+    assert trials_csv[0].split(",")[:8] == [
+        "number", "state", "train.learning_rate", "train.momentum", "model.conv_dropout",
+        "model.dense_dropout", "value", "duration_s",
+    ]  # fmt: skip
+    assert "epochs_run" in trials_csv[0] and len(trials_csv) == 4
+    best = yaml.safe_load((project / "sweep/best_params.yaml").read_text())
+    assert best["trial"] == study.best_trial.number
+    assert best["val_accuracy"] == pytest.approx(study.best_value, abs=1e-6)
+    assert set(best["params"]) == {
+        "train.learning_rate", "train.momentum", "model.conv_dropout", "model.dense_dropout",
+    }  # fmt: skip
+    plots = {p.name for p in (project / "sweep/plots").iterdir()}
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= plots
+
+    client, parents, children = mlflow_runs(project)
+    (parent,) = parents
+    assert parent.info.status == "FINISHED" and parent.info.run_name == f"sweep-{STUDY}"
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value, abs=1e-6)
+    assert {"trials.csv", "best_params.yaml", "plots"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+    assert sorted(c.info.run_name for c in children) == ["trial-0", "trial-1", "trial-2"]
+    for child in children:
+        trial = study.trials[int(child.info.run_name.split("-")[1])]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["optuna.state"] == trial.state.name
+        assert float(child.data.params["train.learning_rate"]) == pytest.approx(
+            trial.params["train.learning_rate"]
+        )
+        assert child.data.params["train.batch_size"] == "16"  # the rest of params.yaml, dotted
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        assert steps == list(range(1, trial.user_attrs["epochs"] + 1))
+
+    again = run(["dvc", "repro", "sweep/dvc.yaml"], project, **env)
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+    direct = run(["python", "-m", "pipeline.tune"], project, **env)
+    assert direct.returncode == 0, direct.stderr
+    assert "already has 3 trials; nothing to run" in direct.stderr
+    assert len(load(project).trials) == 3
+
+    # n_trials is the total: raising it to 4 runs one more trial, under the same parent run.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tune"]["n_trials"] = 4
+    write_params(project, params)
+    more = run(["dvc", "repro", "sweep/dvc.yaml"], project, **env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert len(load(project).trials) == 4
+    _, parents, children = mlflow_runs(project)
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_path: Path) -> None:
+    project, env = sweep_project(
+        tmp_path,
+        epochs=4,
+        space={
+            "learning_rate": {"low": 1e-9, "high": 1e10, "log": True},
+            "momentum": {"low": 0.0, "high": 0.95, "log": False},
+            "conv_dropout": {"low": 0.0, "high": 0.5, "log": False},
+            "dense_dropout": {"low": 0.0, "high": 0.5, "log": False},
+        },
+    )
+    study = optuna.create_study(
+        study_name=STUDY, storage=f"sqlite:///{project / 'optuna.db'}", direction="maximize"
+    )
+    common = {"train.momentum": 0.9, "model.conv_dropout": 0.0, "model.dense_dropout": 0.0}
+    study.enqueue_trial({"train.learning_rate": 0.05, **common})  # learns the easy tiny classes
+    study.enqueue_trial({"train.learning_rate": 1e-9, **common})  # learns nothing: pruned
+    study.enqueue_trial({"train.learning_rate": 1e9, **common})  # diverges: NaN loss
+    result = run(["python", "-m", "pipeline.tune"], project, **env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    trials = load(project).trials
+    assert [t.state for t in trials] == [State.COMPLETE, State.PRUNED, State.PRUNED]
+    assert trials[1].user_attrs["pruned_reason"].startswith("pruned after epoch")
+    assert "the training loss became" in trials[2].user_attrs["pruned_reason"]
+    _, _, children = mlflow_runs(project)
+    by_name = {c.info.run_name: c for c in children}
+    assert by_name["trial-1"].data.tags["optuna.state"] == "PRUNED"
+    assert "loss became" in by_name["trial-2"].data.tags["optuna.pruned_reason"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    table = (project / "sweep/trials.csv").read_text()
+    assert table.count(",PRUNED,") == 2 and "pruned_reason" in table.splitlines()[0]
+
+
+def test_a_killed_sweep_resumes_and_its_dead_trial_is_failed_and_retried(tmp_path: Path) -> None:
+    project, env = sweep_project(tmp_path, n_trials=4, epochs=30)
+    worker = subprocess.Popen(
+        ["python", "-m", "pipeline.tune"], cwd=project, env=run_env(**env),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while True:  # kill it in the middle of its second trial
+        assert worker.poll() is None and time.monotonic() < deadline
+        if (project / "optuna.db").exists():
+            try:
+                trials = load(project).trials
+            except Exception:  # the worker is still creating the study: poll again
+                trials = []
+            if (
+                len(trials) >= 2
+                and trials[1].state == State.RUNNING
+                and trials[1].user_attrs.get("epochs")
+            ):
+                break
+        time.sleep(0.1)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert load(project).trials[1].state == State.RUNNING  # nobody could end it
+    time.sleep(4)  # longer than tune.grace_seconds: its heartbeat is now stale
+
+    result = run(["python", "-m", "pipeline.tune"], project, **env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = load(project).trials
+    states = [t.state for t in trials]
+    assert states[1] == State.FAIL
+    assert sum(s in (State.COMPLETE, State.PRUNED) for s in states) == 4
+    assert State.RUNNING not in states
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retried) == 1 and retried[0].params == trials[1].params
+    _, parents, children = mlflow_runs(project)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_name = {c.info.run_name: c for c in children}
+    assert by_name["trial-1"].info.status == "FAILED"
+    assert by_name["trial-1"].data.tags["optuna.state"] == "FAIL"
+    assert all(c.info.status != "RUNNING" for c in children)
+    assert len(children) == 5  # four good trials and the dead one
+
+
+def test_the_best_values_go_into_params_yaml_keeping_everything_else(tmp_path: Path) -> None:
+    project = copy_project(tmp_path / "project")
+    before = (project / "params.yaml").read_text()
+    best = tmp_path / "best.yaml"
+    values = {
+        "train.learning_rate": 0.0421,
+        "train.momentum": 0.87,
+        "model.conv_dropout": 0.125,
+        "model.dense_dropout": 0.33,
+    }
+    best.write_text(
+        yaml.safe_dump({"study": "s", "trial": 3, "val_accuracy": 0.7, "params": values})
+    )
+    apply_best(project / "params.yaml", best)
+    after = (project / "params.yaml").read_text()
+    changed = [
+        (a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b
+    ]
+    assert len(changed) == 4
+    for old, new in changed:
+        assert old.split("#")[1:] == new.split("#")[1:]  # the comment stays
+    assert "  learning_rate: 0.0421" in after and "  dense_dropout: 0.33" in after
+    assert after.count("#") == before.count("#")
+    diff = run(["dvc", "params", "diff", "--json"], project)
+    assert diff.returncode == 0, diff.stderr
+    moved = json.loads(diff.stdout)["params.yaml"]
+    assert (moved["train.learning_rate"]["old"], moved["train.learning_rate"]["new"]) == (
+        0.01,
+        0.0421,
+    )
+    assert set(moved) == set(values)
+    # The handback module is the same code path, driven by paths.best_params.
+    (project / "sweep").mkdir(exist_ok=True)
+    best.replace(project / "sweep/best_params.yaml")
+    result = run(["python", "-m", "pipeline.handback"], project)
+    assert result.returncode == 0, result.stderr
