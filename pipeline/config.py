@@ -126,6 +126,7 @@ class TrainParams:
     seed: int = field(metadata=non_negative())
     deterministic: bool
     distribute: Literal["none", "mirrored"]
+    restore_best: bool
     augment: AugmentParams
 
 

@@ -27,6 +27,7 @@ from pipeline.dataset import load_split
 from pipeline.model import load_model, save_model
 from pipeline.training import (
     HISTORY_KEYS,
+    BestWeights,
     History,
     compile_model,
     distribution_strategy,
@@ -37,6 +38,7 @@ from pipeline.training import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+BEST_WEIGHTS_FILE = "best.weights.h5"
 
 
 # --- resuming -----------------------------------------------------------------------------------
@@ -87,16 +89,24 @@ class EpochCheckpoint(keras.callbacks.Callback):
     The state file is replaced last, so it always names a whole model file.
     """
 
-    def __init__(self, directory: Path, fingerprint: str, run_id: str, history: History) -> None:
+    def __init__(
+        self, directory: Path, fingerprint: str, run_id: str, history: History, best: BestWeights
+    ) -> None:
         super().__init__()
         self.directory, self.fingerprint, self.run_id = directory, fingerprint, run_id
         self.history = {key: list(values) for key, values in history.items()}
+        self.best = best
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if not logs:  # a diverged epoch (see training.EpochRecorder) is not worth keeping
             return
         for key in HISTORY_KEYS:
             self.history.setdefault(key, []).append(float(logs[key]))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.best.improved:  # the best epoch's weights survive an interruption too
+            tmp = self.directory / f".{BEST_WEIGHTS_FILE}.tmp.weights.h5"
+            self.model.save_weights(tmp)
+            tmp.replace(self.directory / BEST_WEIGHTS_FILE)
         model_file = f"epoch-{epoch + 1:04d}.keras"
         save_model(self.model, self.directory / model_file)
         state = CheckpointState(epoch + 1, model_file, self.run_id, self.fingerprint, self.history)
@@ -104,6 +114,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for old in self.directory.glob("epoch-*.keras"):
             if old.name != model_file:
                 old.unlink()
+
+
+def resume_best(model: keras.Model, directory: Path, state: CheckpointState | None) -> BestWeights:
+    """The best epoch so far: nothing for a new run, the checkpointed weights for a resumed one."""
+    if state is None or not (directory / BEST_WEIGHTS_FILE).is_file():
+        return BestWeights()
+    current = model.get_weights()
+    model.load_weights(directory / BEST_WEIGHTS_FILE)
+    best = BestWeights(max(state.history["val_accuracy"]), model.get_weights())
+    model.set_weights(current)
+    return best
 
 
 # --- outputs ------------------------------------------------------------------------------------
@@ -120,7 +141,8 @@ def history_csv(history: History) -> str:
 
 
 def summarize(history: History) -> dict[str, float | int]:
-    """Final-epoch figures and the best epoch by validation accuracy."""
+    """Final-epoch figures and the best epoch by validation accuracy (whose weights the model
+    keeps when train.restore_best is on)."""
     best = max(range(len(history["val_accuracy"])), key=lambda i: history["val_accuracy"][i])
     summary: dict[str, float | int] = {"epochs": len(history["loss"])}
     summary.update({f"final_{key}": round(history[key][-1], 6) for key in HISTORY_KEYS})
@@ -148,6 +170,7 @@ def main() -> None:
         else:
             log.info("resuming from epoch %d of %d", state.epoch, params.train.epochs)
             model = load_model(paths.checkpoint / state.model_file)  # compiled, with optimiser
+    best = resume_best(model, paths.checkpoint, state)
 
     with tracking.tracked_run(
         params.mlflow.experiment, run_id=state.run_id if state else None
@@ -171,17 +194,21 @@ def main() -> None:
             history=state.history if state else None,
             callbacks=[
                 EpochCheckpoint(
-                    paths.checkpoint, fingerprint, run_id, state.history if state else {}
+                    paths.checkpoint, fingerprint, run_id, state.history if state else {}, best
                 ),
                 tracking.EpochLogger(),
             ],
+            best=best,
         )
         summary = summarize(history)
+        summary["model_epoch"] = (
+            summary["best_epoch"] if params.train.restore_best else summary["epochs"]
+        )
         save_model(model, paths.model)
         write_text(history_csv(history), paths.history)
         write_json(summary, paths.train_metrics)
         tracking.log_summary(
-            {f"{key}": value for key, value in summary.items() if key.startswith("best_")}
+            {key: value for key, value in summary.items() if key.startswith(("best_", "model_"))}
         )
         tracking.log_artifacts(
             [paths.history, paths.train_metrics, paths.model_summary, PARAMS_FILE]
@@ -189,11 +216,13 @@ def main() -> None:
         write_json({"run_id": run_id, "experiment": params.mlflow.experiment}, paths.run_info)
     shutil.rmtree(paths.checkpoint, ignore_errors=True)
     log.info(
-        "trained %d epochs: val_accuracy %.4f (best %.4f at epoch %d)",
+        "trained %d epochs: val_accuracy %.4f (best %.4f at epoch %d); %s keeps epoch %d",
         summary["epochs"],
         summary["final_val_accuracy"],
         summary["best_val_accuracy"],
         summary["best_epoch"],
+        paths.model,
+        summary["model_epoch"],
     )
 
 

@@ -169,6 +169,23 @@ class EpochRecorder(keras.callbacks.Callback):
             self.history.setdefault(key, []).append(float(logs[key]))
 
 
+class BestWeights(keras.callbacks.Callback):
+    """Keeps a copy of the weights of the epoch with the best validation accuracy so far."""
+
+    def __init__(self, value: float = -math.inf, weights: list[np.ndarray] | None = None) -> None:
+        super().__init__()
+        self.value, self.weights = value, weights
+        self.epoch: int | None = None
+        self.improved = False  # in the epoch just ended; read by the checkpoint callback
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.improved = bool(logs) and float(logs["val_accuracy"]) > self.value  # type: ignore[index]
+        if self.improved:
+            self.value = float(logs["val_accuracy"])  # type: ignore[index]
+            self.weights = self.model.get_weights()
+            self.epoch = epoch + 1
+
+
 def fit(
     model: keras.Model,
     train: Split,
@@ -178,12 +195,15 @@ def fit(
     initial_epoch: int = 0,
     history: History | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    best: BestWeights | None = None,
     verbose: int = 1 if sys.stdout.isatty() else 2,
 ) -> History:
     """Trains a compiled model from `initial_epoch` to `params.epochs`; returns the full history.
 
-    `history` holds the epochs before `initial_epoch` (a resumed run). Raises TrainingDiverged
-    when the loss turns NaN or infinite.
+    `history` holds the epochs before `initial_epoch` (a resumed run). With
+    `params.restore_best`, the model ends with the weights of its best epoch by validation
+    accuracy (`best` carries that over a resume). Raises TrainingDiverged when the loss turns
+    NaN or infinite.
     """
     # Each epoch's shuffle order depends on the seed and where training (re)starts.
     train_data = input_pipeline(
@@ -194,15 +214,18 @@ def fit(
     )
     validation_data = input_pipeline(validation, EVAL_BATCH_SIZE)
     recorder = EpochRecorder(history)
+    best = best or BestWeights()
     model.fit(
         train_data,
         validation_data=validation_data,
         epochs=params.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[recorder, *callbacks],
+        callbacks=[recorder, best, *callbacks],
         shuffle=False,  # the input pipeline shuffles
         verbose=verbose,
     )
     if recorder.diverged:
         raise TrainingDiverged(recorder.diverged)
+    if params.restore_best and best.weights is not None:
+        model.set_weights(best.weights)
     return recorder.history

@@ -232,7 +232,7 @@ def wait_for_epoch(
 
 
 def test_an_interrupted_repro_ends_its_run_killed_and_the_next_one_resumes(tmp_path: Path) -> None:
-    project, env = new_project(tmp_path, epochs=40)
+    project, env = new_project(tmp_path, epochs=60)
     assert run(["dvc", "repro", "build", "preprocess"], project, **env).returncode == 0
 
     def start() -> subprocess.Popen[str]:
@@ -267,12 +267,12 @@ def test_an_interrupted_repro_ends_its_run_killed_and_the_next_one_resumes(tmp_p
     final = client.get_run(killed.info.run_id)
     assert final.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val_accuracy")]
-    assert sorted(steps) == list(range(1, 41))  # every epoch exactly once
+    assert sorted(steps) == list(range(1, 61))  # every epoch exactly once
     epochs = [
         line.split(",")[0]
         for line in (project / "metrics/history.csv").read_text().splitlines()[1:]
     ]
-    assert epochs == [str(e) for e in range(1, 41)]
+    assert epochs == [str(e) for e in range(1, 61)]
 
 
 def test_a_nan_loss_fails_the_stage_cleanly(tmp_path: Path) -> None:

@@ -164,3 +164,20 @@ def test_the_seed_configuration_has_no_augmentation(params_dict: dict[str, Any])
     augment = params_from_dict(params_dict).train.augment
     assert augment == AugmentParams(flip=False, translate=0.0)
     assert dataclasses.is_dataclass(augment)
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_the_model_keeps_its_best_or_its_last_epoch(
+    params_dict: dict[str, Any], tiny_splits: tuple[Split, Split], restore_best: bool
+) -> None:
+    params = small(params_dict, epochs=6, learning_rate=0.05, restore_best=restore_best)
+    seed_everything(params.train)
+    model = build_model(params.model)
+    compile_model(model, params.train)
+    history = fit(model, *tiny_splits, params.train, verbose=0)
+    _, validation = tiny_splits
+    accuracy = float(
+        np.mean(model.predict(validation.images, verbose=0).argmax(axis=1) == validation.labels)
+    )
+    expected = max(history["val_accuracy"]) if restore_best else history["val_accuracy"][-1]
+    assert accuracy == pytest.approx(expected, abs=1e-6)
