@@ -2,10 +2,11 @@
 
 Both sweeps draw the same trials (the same seeded TPE sampler, the same budget of trials and
 epochs per trial), through the real `pipeline.tune.sweep` on throwaway SQLite and MLflow stores;
-one prunes with the median pruner, the other runs every trial to the end. Reported: the best
-validation accuracy each found and the epochs each trained. Needs `dvc repro preprocess`.
+one prunes (Hyperband by default, or the median pruner), the other runs every trial to the
+end. Reported: the best validation accuracy each found and the epochs each trained. Needs
+`dvc repro preprocess`.
 
-    python benchmarks/sweep_pruning.py --trials 16 --epochs 6 --fraction 0.2
+    python benchmarks/sweep_pruning.py --trials 16 --epochs 6 --fraction 0.1
 
 Also reports each process's peak memory after every trial (memory stays flat across trials
 because each trial clears the Keras session). Writes benchmarks/results/sweep_pruning.json.
@@ -85,14 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--fraction", type=float, default=0.2, help="share of the training split")
+    parser.add_argument("--fraction", type=float, default=0.1, help="share of the training split")
     parser.add_argument(
         "--startup", type=int, default=4, help="median pruner: trials before pruning"
     )
     parser.add_argument(
         "--warmup", type=int, default=1, help="median pruner: epochs before pruning"
     )
-    parser.add_argument("--side", choices=["median", "none"], help=argparse.SUPPRESS)
+    parser.add_argument("--pruner", choices=["median", "hyperband"], default="hyperband")
+    parser.add_argument("--side", choices=["median", "hyperband", "none"], help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -119,7 +121,7 @@ def main() -> None:
         "benchmark": "sweep with and without pruning, same budget",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "settings": vars(args) | {"side": None, "output": None},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("side", "output")},
         "results": sides,
         "accuracy_gap_points": round(
             100 * (unpruned["best_val_accuracy"] - pruned["best_val_accuracy"]), 2

@@ -59,9 +59,12 @@ def storage_url(params: TuneParams) -> str:
 
 
 def make_sampler(params: TuneParams) -> optuna.samplers.BaseSampler:
+    """Seeded with tune.seed; with OPTUNA_STORAGE set (workers sharing a study), each worker
+    adds its process id, or they would all draw the same first values."""
+    seed = params.seed + (os.getpid() if os.environ.get(STORAGE_ENV) else 0)
     if params.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=params.seed)
-    return optuna.samplers.TPESampler(seed=params.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def make_pruner(params: TuneParams) -> optuna.pruners.BasePruner:
