@@ -36,10 +36,11 @@ from tests.conftest import (  # noqa: E402 - the tests' own server and data help
     run_env,
     start_mlflow_server,
     start_postgres,
+    tiny_params,
     write_params,
     write_python_archive,
 )
-from tests.test_tune import STUDY, sweep_params  # noqa: E402
+from tests.test_tune import STUDY, SWEEP  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,10 +59,8 @@ def main() -> None:
         try:
             archive = write_python_archive(tmp_path / "cifar.tar.gz", make_tiny_cifar(per_class=20))
             project = copy_project(tmp_path / "project")
-            write_params(
-                project,
-                sweep_params(archive, n_trials=args.trials, epochs=args.epochs, pruner="none"),
-            )
+            tune = {**SWEEP, "n_trials": args.trials, "epochs": args.epochs, "pruner": "none"}
+            write_params(project, tiny_params(archive, tune=tune))
             assert (
                 run(["dvc", "repro", "preprocess"], project, CIFAR10_URL=str(archive)).returncode
                 == 0

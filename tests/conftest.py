@@ -269,6 +269,27 @@ def shrink(params: dict[str, Any], archive_sha256: str | None = None) -> dict[st
     return params
 
 
+def tiny_params(
+    archive: Path, train: dict[str, Any] | None = None, tune: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Params for a tiny archive and a narrow network (5,934 parameters) trained for 2 epochs."""
+    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
+    params["model"].update(conv_filters=[4, 8], dense_units=16)
+    params["train"].update({"epochs": 2, "batch_size": 16, **(train or {})})
+    params["tune"].update(tune or {})
+    return params
+
+
+def tiny_project(
+    tmp: Path, train: dict[str, Any] | None = None, tune: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, str]]:
+    """A fresh repository with tiny params, and the environment its stages need (CIFAR10_URL)."""
+    archive = write_python_archive(tmp / "cifar.tar.gz", make_tiny_cifar())
+    project = copy_project(tmp / "project")
+    write_params(project, tiny_params(archive, train, tune))
+    return project, {"CIFAR10_URL": str(archive)}
+
+
 def write_params(directory: Path, params: dict[str, Any]) -> Path:
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

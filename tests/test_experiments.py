@@ -6,30 +6,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import (
-    ROOT,
-    copy_project,
-    make_tiny_cifar,
     run,
-    sha256_of,
-    shrink,
-    write_params,
-    write_python_archive,
+    tiny_project,
 )
 
 pytestmark = pytest.mark.slow
 
 
 def test_queued_experiments_log_to_the_workspace_mlflow_store(tmp_path: Path) -> None:
-    archive = write_python_archive(tmp_path / "cifar.tar.gz", make_tiny_cifar())
-    project = copy_project(tmp_path / "project")
-    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
-    params["model"].update(conv_filters=[4, 8], dense_units=16)
-    params["train"].update(epochs=1, batch_size=16)
-    write_params(project, params)
-    env = {"CIFAR10_URL": str(archive)}  # no MLFLOW_TRACKING_URI: the default store
+    project, env = tiny_project(tmp_path, train={"epochs": 1})  # no MLFLOW_TRACKING_URI: default
     assert run(["dvc", "repro"], project, **env).returncode == 0
     run(["git", "add", "-A"], project)
     commit = run(

@@ -17,34 +17,19 @@ import pytest
 import yaml
 
 from tests.conftest import (
-    ROOT,
-    copy_project,
     free_port,
-    make_tiny_cifar,
     run,
     run_env,
-    sha256_of,
-    shrink,
-    write_params,
-    write_python_archive,
+    tiny_project,
 )
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_training_params(archive: Path, **train: Any) -> dict[str, Any]:
-    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
-    params["model"].update(conv_filters=[4, 8], dense_units=16)
-    params["train"].update({"epochs": 2, "batch_size": 16, **train})
-    return params
-
-
 def new_project(tmp: Path, **train: Any) -> tuple[Path, dict[str, str]]:
-    """A fresh repository with tiny params, and the environment its stages run in."""
-    archive = write_python_archive(tmp / "cifar.tar.gz", make_tiny_cifar())
-    project = copy_project(tmp / "project")
-    write_params(project, tiny_training_params(archive, **train))
-    env = {"CIFAR10_URL": str(archive), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    """A fresh tiny repository, and the environment its stages run in (its own MLflow store)."""
+    project, env = tiny_project(tmp, train=train)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     return project, env
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
@@ -29,20 +28,11 @@ from tests.conftest import (
     write_params,
     write_python_archive,
 )
-from tests.test_tune import STUDY, sweep_params
+from tests.test_tune import STUDY, sweep_project
 
 pytestmark = pytest.mark.slow
 State = optuna.trial.TrialState
 FINISHED = (State.COMPLETE, State.PRUNED)
-
-
-def prepared_project(tmp: Path, **tune: Any) -> tuple[Path, dict[str, str]]:
-    archive = write_python_archive(tmp / "cifar.tar.gz", make_tiny_cifar())
-    project = copy_project(tmp / "project")
-    write_params(project, sweep_params(archive, **tune))
-    env = {"CIFAR10_URL": str(archive)}
-    assert run(["dvc", "repro", "preprocess"], project, **env).returncode == 0
-    return project, env
 
 
 def start_worker(project: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -55,7 +45,7 @@ def start_worker(project: Path, env: dict[str, str]) -> subprocess.Popen[str]:
 def test_three_workers_share_one_study_and_survive_a_killed_worker(
     tmp_path: Path, postgres: Postgres, mlflow_server: MlflowServer
 ) -> None:
-    project, env = prepared_project(tmp_path, n_trials=6, epochs=6, pruner="none")
+    project, env = sweep_project(tmp_path, own_mlflow=False, n_trials=6, epochs=6, pruner="none")
     storage = postgres.create_database("workers")
     env.update(OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=mlflow_server.url)
     workers = [start_worker(project, env) for _ in range(3)]
@@ -113,7 +103,7 @@ def test_three_workers_share_one_study_and_survive_a_killed_worker(
 
 
 def test_several_workers_on_one_sqlite_file_work(tmp_path: Path) -> None:
-    project, env = prepared_project(tmp_path, n_trials=5, epochs=2)
+    project, env = sweep_project(tmp_path, own_mlflow=False, n_trials=5, epochs=2)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     workers = [start_worker(project, env) for _ in range(3)]
     for worker in workers:
@@ -127,7 +117,7 @@ def test_several_workers_on_one_sqlite_file_work(tmp_path: Path) -> None:
 
 
 def test_unreachable_postgres_or_mlflow_server_give_a_clear_bounded_error(tmp_path: Path) -> None:
-    project, env = prepared_project(tmp_path, connect_seconds=3)
+    project, env = sweep_project(tmp_path, own_mlflow=False, connect_seconds=3)
     dead_port = free_port()
     result = run(
         ["python", "-m", "pipeline.tune"], project, **env,

@@ -16,15 +16,11 @@ import yaml
 
 from pipeline.handback import apply_best
 from tests.conftest import (
-    ROOT,
     copy_project,
-    make_tiny_cifar,
     run,
     run_env,
-    sha256_of,
-    shrink,
+    tiny_project,
     write_params,
-    write_python_archive,
 )
 
 pytestmark = pytest.mark.slow
@@ -33,33 +29,26 @@ STUDY = "tiny-sweep"
 State = optuna.trial.TrialState
 
 
-def sweep_params(archive: Path, **tune: Any) -> dict[str, Any]:
-    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
-    params["model"].update(conv_filters=[4, 8], dense_units=16)
-    params["train"].update(epochs=2, batch_size=16)
-    params["tune"].update(
-        {
-            "study_name": STUDY,
-            "storage": "sqlite:///optuna.db",
-            "n_trials": 3,
-            "epochs": 2,
-            "train_fraction": 1.0,
-            "startup_trials": 1,
-            "warmup_epochs": 0,
-            "heartbeat_seconds": 1,
-            "grace_seconds": 3,
-            **tune,
-        }
-    )
-    return params
+# A sweep small enough for tests: 3 trials of 2 epochs, pruning from the first epoch, and
+# heartbeats fast enough to see a dead worker's trial failed within seconds.
+SWEEP = {
+    "study_name": STUDY,
+    "storage": "sqlite:///optuna.db",
+    "n_trials": 3,
+    "epochs": 2,
+    "train_fraction": 1.0,
+    "startup_trials": 1,
+    "warmup_epochs": 0,
+    "heartbeat_seconds": 1,
+    "grace_seconds": 3,
+}
 
 
-def sweep_project(tmp: Path, **tune: Any) -> tuple[Path, dict[str, str]]:
-    """A repository with tiny data prepared, tiny params, and its own MLflow store."""
-    archive = write_python_archive(tmp / "cifar.tar.gz", make_tiny_cifar())
-    project = copy_project(tmp / "project")
-    write_params(project, sweep_params(archive, **tune))
-    env = {"CIFAR10_URL": str(archive), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+def sweep_project(tmp: Path, own_mlflow: bool = True, **tune: Any) -> tuple[Path, dict[str, str]]:
+    """A tiny repository with its data prepared, and (by default) its own MLflow store."""
+    project, env = tiny_project(tmp, tune={**SWEEP, **tune})
+    if own_mlflow:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     result = run(["dvc", "repro", "preprocess"], project, **env)
     assert result.returncode == 0, result.stderr
     return project, env
