@@ -94,6 +94,7 @@ def main() -> None:
         "--warmup", type=int, default=1, help="median pruner: epochs before pruning"
     )
     parser.add_argument("--pruner", choices=["median", "hyperband"], default="hyperband")
+    parser.add_argument("--name", default="sweep_pruning", help="results/<name>.json")
     parser.add_argument("--side", choices=["median", "hyperband", "none"], help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,13 +108,13 @@ def main() -> None:
     import sys
 
     sides = {}
-    for side in ("median", "none"):  # each in a fresh process: its own memory figure
+    for side in (args.pruner, "none"):  # each in a fresh process: its own memory figure
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--side", side, "--output", out.name]
             for flag in ("trials", "epochs", "fraction", "startup", "warmup"):
                 command += [f"--{flag}", str(getattr(args, flag))]
             subprocess.run(command, check=True)
-            sides["pruned" if side == "median" else "unpruned"] = json.loads(
+            sides["unpruned" if side == "none" else "pruned"] = json.loads(
                 Path(out.name).read_text()
             )
     pruned, unpruned = sides["pruned"], sides["unpruned"]
@@ -121,7 +122,7 @@ def main() -> None:
         "benchmark": "sweep with and without pruning, same budget",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("side", "output")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("side", "output", "name")},
         "results": sides,
         "accuracy_gap_points": round(
             100 * (unpruned["best_val_accuracy"] - pruned["best_val_accuracy"]), 2
@@ -130,7 +131,7 @@ def main() -> None:
         "goals": {"accuracy_gap_points_at_most": 1.0, "epochs_ratio_at_most": 0.4},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sweep_pruning.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

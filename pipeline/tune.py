@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from pipeline.training import (
 )
 
 matplotlib.use("Agg")
+# Heartbeats and the matplotlib plots are marked experimental; the marks say nothing to a user.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def end_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) ->
 def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Ends the dead trial's run, then queues the same values again (up to 3 times)."""
     end_stale_trial_run(study, trial)
-    optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, trial)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
 
 
 def make_storage(params: TuneParams) -> optuna.storages.RDBStorage:
@@ -103,7 +106,7 @@ def make_storage(params: TuneParams) -> optuna.storages.RDBStorage:
         engine_kwargs=engine_kwargs,
         heartbeat_interval=params.heartbeat_seconds,
         grace_period=params.grace_seconds,
-        failed_trial_callback=retry_stale_trial,
+        heartbeat_stale_trial_callback=retry_stale_trial,
     )
 
 
