@@ -31,7 +31,7 @@ import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.data.numpy_dataset import from_numpy
-from mlflow.entities import Run
+from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
@@ -168,9 +168,9 @@ def create_run(experiment: str, run_name: str, tags: Mapping[str, str], params: 
     experiment_id = use_experiment(experiment)
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-    flat = flatten(to_plain(params))
-    for key, value in flat.items():
-        client.log_param(run.info.run_id, key, "null" if value is None else value)
+    client.log_batch(
+        run.info.run_id, params=[Param(k, str(v)) for k, v in flat_params(params).items()]
+    )
     client.set_terminated(run.info.run_id, "FINISHED")  # workers resume it while they run
     return str(run.info.run_id)
 
@@ -207,12 +207,13 @@ def set_tags(tags: Mapping[str, str]) -> None:
 
 
 @uninterrupted
-def log_params(params: Params) -> None:
+def flat_params(params: Params) -> dict[str, Any]:
     """The whole resolved params tree, with dotted keys: train.learning_rate, model.conv_dropout."""
-    flat = {
-        key: "null" if value is None else value for key, value in flatten(to_plain(params)).items()
-    }
-    mlflow.log_params(flat)
+    return {key: "null" if v is None else v for key, v in flatten(to_plain(params)).items()}
+
+
+def log_params(params: Params) -> None:
+    mlflow.log_params(flat_params(params))
 
 
 @uninterrupted

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,16 +144,10 @@ class EpochRecorder(keras.callbacks.Callback):
         super().__init__()
         self.history: History = {key: list(values) for key, values in (history or {}).items()}
         self.diverged: str | None = None
-        self.epoch_seconds: list[float] = []
-        self._started = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is None:
             return
-        self.epoch_seconds.append(time.perf_counter() - self._started)
         logs["learning_rate"] = float(self.model.optimizer.learning_rate)
         loss = float(logs.get("loss", math.nan))
         if not math.isfinite(loss):
