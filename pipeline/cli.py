@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -19,6 +21,11 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Runs a stage; a PipelineError becomes one line on stderr and exit status 1.
 
@@ -28,8 +35,14 @@ def run_stage(main: Callable[[], None]) -> None:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )
     signal.signal(signal.SIGTERM, _terminate)
+    started = time.perf_counter()
     try:
         main()
+        log.info(
+            "done in %.1f s; peak memory %s MB",
+            time.perf_counter() - started,
+            f"{peak_memory_mb():,.0f}",
+        )
     except PipelineError as error:
         log.error("%s", error)
         sys.exit(1)

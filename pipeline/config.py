@@ -7,12 +7,13 @@ value found and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -22,6 +23,7 @@ import yaml
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+RECIPES_DIR = Path("recipes")  # named sets of params.yaml values (see load_recipe)
 CIFAR10_TRAIN_IMAGES = 50_000  # the official training batches hold 5 x 10,000 images
 
 
@@ -106,6 +108,8 @@ class ModelParams:
     dense_units: int = field(metadata=positive())
     conv_dropout: float = field(metadata=fraction())
     dense_dropout: float = field(metadata=fraction())
+    pixel_scale: Literal["unit", "symmetric"]
+    kernel_initializer: Literal["glorot_uniform", "he_normal", "he_uniform"]
     init_seed: int = field(metadata=non_negative())
 
 
@@ -113,6 +117,11 @@ class ModelParams:
 class AugmentParams:
     flip: bool
     translate: float = field(metadata=check(lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"))
+    cutout: int = field(metadata=check(lambda v: 0 <= v <= 32, "an integer in [0, 32] (pixels)"))
+
+
+Schedule = Literal["time_decay", "step", "cosine", "one_cycle"]
+Precision = Literal["float32", "mixed_bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -120,14 +129,37 @@ class TrainParams:
     epochs: int = field(metadata=positive())
     batch_size: int = field(metadata=positive())
     learning_rate: float = field(metadata=positive())
+    base_batch_size: int | None = field(metadata=positive())
     momentum: float = field(metadata=fraction())
     nesterov: bool
+    schedule: Schedule
     decay: float = field(metadata=non_negative())
+    step_epochs: int = field(metadata=positive())
+    step_factor: float = field(metadata=check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    warmup_epochs: float = field(metadata=non_negative())
+    weight_decay: float = field(metadata=non_negative())
+    label_smoothing: float = field(metadata=fraction())
+    precision: Precision
     seed: int = field(metadata=non_negative())
     deterministic: bool
     distribute: Literal["none", "mirrored"]
     restore_best: bool
     augment: AugmentParams
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """learning_rate, scaled linearly from base_batch_size to batch_size when one is set."""
+        if self.base_batch_size is None:
+            return self.learning_rate
+        return self.learning_rate * self.batch_size / self.base_batch_size
+
+    def problem(self) -> str | None:
+        if self.schedule in ("cosine", "one_cycle") and self.warmup_epochs >= self.epochs:
+            return (
+                f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}): "
+                f"the {self.schedule} schedule needs epochs left to anneal"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -141,7 +173,7 @@ class MlflowParams:
 
 @dataclass(frozen=True)
 class RangeParams:
-    """A search range for one hyperparameter."""
+    """A search range for one hyperparameter: floats, or integers when the tuned key holds one."""
 
     low: float
     high: float
@@ -156,29 +188,14 @@ class RangeParams:
 
 
 @dataclass(frozen=True)
-class SearchSpace:
-    learning_rate: RangeParams
-    momentum: RangeParams
-    conv_dropout: RangeParams
-    dense_dropout: RangeParams
+class ChoiceParams:
+    """Values to choose from: a schedule, a switch, a few sizes."""
 
-    def problem(self) -> str | None:
-        for name in ("momentum", "conv_dropout", "dense_dropout"):
-            bounds: RangeParams = getattr(self, name)
-            if bounds.low < 0 or bounds.high >= 1:
-                return f"{name}: [{bounds.low}, {bounds.high}] must lie within [0, 1)"
-        if self.learning_rate.low <= 0:
-            return f"learning_rate: low ({self.learning_rate.low}) must be > 0"
-        return None
+    choices: tuple[object, ...] = field(metadata=check(lambda v: len(v) >= 1, "a non-empty list"))
 
 
-# What each tune.space entry tunes, by its dotted name in params.yaml.
-TUNED_PARAMS = {
-    "learning_rate": "train.learning_rate",
-    "momentum": "train.momentum",
-    "conv_dropout": "model.conv_dropout",
-    "dense_dropout": "model.dense_dropout",
-}
+Dimension = RangeParams | ChoiceParams
+TUNABLE_SECTIONS = ("model", "train")  # data and preprocess define the data; tune, the sweep
 
 
 @dataclass(frozen=True)
@@ -191,13 +208,14 @@ class TuneParams:
     train_fraction: float = field(metadata=check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     sampler: Literal["tpe", "random"]
     seed: int = field(metadata=non_negative())
-    pruner: Literal["median", "hyperband", "none"]
+    pruner: Literal["median", "successive_halving", "hyperband", "none"]
     startup_trials: int = field(metadata=non_negative())
     warmup_epochs: int = field(metadata=non_negative())
+    reduction_factor: int = field(metadata=check(lambda v: v >= 2, "an integer >= 2"))
     heartbeat_seconds: int = field(metadata=positive())
     grace_seconds: int = field(metadata=positive())
     connect_seconds: int = field(metadata=positive())
-    space: SearchSpace
+    space: dict[str, Dimension]  # by dotted params.yaml key: train.learning_rate, ...
 
     def problem(self) -> str | None:
         if self.grace_seconds <= self.heartbeat_seconds:
@@ -221,6 +239,41 @@ class Params:
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data (for logging, hashing and MLflow params)."""
         return to_plain(getattr(self, name))
+
+    def problem(self) -> str | None:
+        """Every tune.space key names a model or train param, and every value it can take is
+        one that param accepts."""
+        tree = to_plain(self)
+        flat = flatten(tree)
+        for dotted, dimension in self.tune.space.items():
+            where = f"tune.space.{dotted}"
+            section = dotted.split(".", 1)[0]
+            if section not in TUNABLE_SECTIONS:
+                return f"{where}: only model.* and train.* params can be tuned"
+            if dotted not in flat:
+                return f"{where}: params.yaml has no key {dotted!r}"
+            integer = isinstance(flat[dotted], int) and not isinstance(flat[dotted], bool)
+            values: list[object]
+            if isinstance(dimension, ChoiceParams):
+                values = list(dimension.choices)
+            elif integer:
+                if not (dimension.low.is_integer() and dimension.high.is_integer()):
+                    return f"{where}: {dotted} is an integer, so low and high must be integers"
+                values = [int(dimension.low), int(dimension.high)]
+            else:
+                values = [dimension.low, dimension.high]
+            for value in values:
+                trial = {section: copy.deepcopy(tree[section])}
+                set_dotted(trial, dotted, value, where)
+                try:
+                    _build(SECTIONS[section], trial[section], f"{section}.", "tune.space")
+                except ParamsError as error:
+                    reason = str(error).removeprefix("tune.space: ")
+                    return f"{where}: the value {value!r} is refused ({reason})"
+        return None
+
+
+SECTIONS: dict[str, type] = {"model": ModelParams, "train": TrainParams}
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -260,19 +313,50 @@ def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
     )
     document = editor.load(path.read_text())
     for dotted, value in values.items():
-        node = document
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            if not isinstance(node, Mapping) or key not in node:
-                raise ParamsError(f"{path}: cannot set '{dotted}': there is no '{key}' section")
-            node = node[key]
-        if leaf not in node:
-            raise ParamsError(f"{path}: cannot set '{dotted}': no such key")
-        node[leaf] = value
+        set_dotted(document, dotted, value, str(path))
     text = StringIO()
     editor.dump(document, text)
     params_from_dict(yaml.safe_load(text.getvalue()), source=str(path))  # refuse a bad result
     write_text(text.getvalue(), path)
+
+
+def set_dotted(tree: MutableMapping[str, Any], dotted: str, value: Any, source: str) -> None:
+    """tree['train']['augment']['flip'] = value for 'train.augment.flip'; the key must exist."""
+    node: Any = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(node, MutableMapping) or key not in node:
+            raise ParamsError(f"{source}: cannot set '{dotted}': there is no '{key}' section")
+        node = node[key]
+    if not isinstance(node, MutableMapping) or leaf not in node:
+        raise ParamsError(f"{source}: cannot set '{dotted}': no such key")
+    node[leaf] = value
+
+
+def with_values(params: Params, values: Mapping[str, Any], source: str = "overrides") -> Params:
+    """`params` with dotted keys replaced ({'train.learning_rate': 0.05}), checked as a whole."""
+    tree = to_plain(params)
+    for dotted, value in values.items():
+        set_dotted(tree, dotted, value, source)
+    return params_from_dict(tree, source=source)
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A recipe: recipes/<name>.yaml (or a path), a mapping of dotted params.yaml keys to values.
+
+    The keys are checked when the recipe is applied (`with_values`, `update_params_file`).
+    """
+    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
+        raise ParamsError(f"{path}: no such recipe (the recipes in {RECIPES_DIR}/: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, Mapping) or not raw or not all(isinstance(k, str) for k in raw):
+        raise ParamsError(f"{path}: expected a mapping of dotted params.yaml keys to values")
+    return dict(raw)
 
 
 def params_from_dict(raw: Any, source: str = "params") -> Params:
@@ -284,6 +368,8 @@ def to_plain(value: Any) -> Any:
     """Dataclasses to dicts, Paths to strings, tuples to lists: what YAML and MLflow take."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {key: to_plain(item) for key, item in value.items()}
     if isinstance(value, Path):
         return value.as_posix()
     if isinstance(value, tuple | list):
@@ -334,7 +420,7 @@ def _build(cls: type[T], raw: Any, prefix: str, source: str) -> T:
     problem = getattr(built, "problem", None)
     message = problem() if problem is not None else None
     if message:
-        raise ParamsError(f"{source}: {where}: {message}")
+        raise ParamsError(f"{source}: {message}" if not prefix else f"{source}: {where}: {message}")
     return built
 
 
@@ -343,6 +429,25 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.", source)  # type: ignore[arg-type]
+    if origin is dict:  # tune.space: dotted keys to ranges or choices
+        if not isinstance(value, Mapping) or not value:
+            raise ParamsError(
+                f"{source}: {key} must map dotted params.yaml keys to {{low, high, log}} or "
+                f"{{choices: [...]}}, found {_show(value)}"
+            )
+        return {
+            str(name): _build(
+                ChoiceParams if isinstance(spec, Mapping) and "choices" in spec else RangeParams,
+                spec,
+                f"{key}.{name}.",
+                source,
+            )
+            for name, spec in value.items()
+        }
+    if hint is object:  # a choice: any YAML scalar
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise ParamsError(f"{source}: {key} must be a number, a string, true/false or null")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -100,13 +100,19 @@ def write_prepared(data: PreparedData, prepared_dir: Path) -> None:
     write_json(list(data.class_names), prepared_dir / CLASSES_FILE)
 
 
-def load_split(prepared_dir: Path, name: str) -> Split:
-    """One split, checked for shape and dtype."""
+def split_files(prepared_dir: Path, name: str) -> list[Path]:
+    """The split's images.npy and labels.npy; raises PipelineError if either is missing."""
     folder = split_dir(prepared_dir, name)
     paths = [folder / "images.npy", folder / "labels.npy"]
     for path in paths:
         if not path.is_file():
             raise PipelineError(f"{path}: missing; run `dvc repro preprocess` first")
+    return paths
+
+
+def load_split(prepared_dir: Path, name: str) -> Split:
+    """One split, checked for shape and dtype."""
+    paths = split_files(prepared_dir, name)
     images = np.load(paths[0], allow_pickle=False)
     labels = np.load(paths[1], allow_pickle=False)
     if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels):

@@ -9,18 +9,21 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from pipeline.cli import run_stage
-from pipeline.config import PARAMS_FILE, TUNED_PARAMS, load_params, update_params_file
+from pipeline.config import PARAMS_FILE, load_params, update_params_file
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 
-def apply_best(params_file: Path, best_file: Path) -> dict[str, float]:
-    """Sets the tuned keys of `params_file` to the values in `best_file`; returns them."""
+def apply_best(params_file: Path, best_file: Path) -> dict[str, Any]:
+    """Sets the tuned keys of `params_file` to the values in `best_file`; returns them.
+
+    update_params_file refuses a key params.yaml lacks or a value out of range, naming it."""
     try:
         best = yaml.safe_load(best_file.read_text())
     except FileNotFoundError:
@@ -28,8 +31,9 @@ def apply_best(params_file: Path, best_file: Path) -> dict[str, float]:
     found = best.get("params") if isinstance(best, dict) else None
     if not isinstance(found, dict):
         raise PipelineError(f"{best_file}: expected a 'params' mapping of dotted names to values")
-    values = {name: float(found[name]) for name in TUNED_PARAMS.values() if name in found}
-    if not values or not all(math.isfinite(value) for value in values.values()):
+    values = {str(name): value for name, value in found.items()}
+    numbers = [v for v in values.values() if isinstance(v, float)]
+    if not values or not all(math.isfinite(number) for number in numbers):
         raise PipelineError(f"{best_file}: no usable values under 'params'")
     update_params_file(params_file, values)
     return values

@@ -31,7 +31,7 @@ import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.data.numpy_dataset import from_numpy
-from mlflow.entities import Param, Run
+from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
@@ -95,6 +95,15 @@ def use_store() -> Path | None:
     root = project_root()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     return root
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Points this process at the store another process used (a sweep's trial processes)."""
+    mlflow.set_tracking_uri(uri)
+
+
+def tracking_uri() -> str:
+    return str(mlflow.get_tracking_uri())
 
 
 def use_experiment(name: str) -> str:
@@ -217,17 +226,29 @@ def log_params(params: Params) -> None:
 
 
 @uninterrupted
-def log_epoch(epoch: int, logs: Mapping[str, float]) -> None:
-    """One epoch's metrics, at step = epoch number (1-based)."""
-    mlflow.log_metrics({key: float(value) for key, value in logs.items()}, step=epoch)
+def log_epoch(epoch: int, logs: Mapping[str, float], run_id: str | None = None) -> None:
+    """One epoch's metrics, at step = epoch number (1-based), to `run_id` or the active run."""
+    metrics = {key: float(value) for key, value in logs.items()}
+    if run_id is None:
+        mlflow.log_metrics(metrics, step=epoch)
+        return
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(key, value, now, epoch) for key, value in metrics.items()]
+    )
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs each completed epoch's metrics to the active run."""
+    """Logs each completed epoch's metrics to `run_id` (a run another process opened) or to
+    the active run."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        super().__init__()
+        self.run_id = run_id
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs:  # empty when the epoch diverged (see training.EpochRecorder)
-            log_epoch(epoch + 1, logs)
+            log_epoch(epoch + 1, logs, self.run_id)
 
 
 @uninterrupted

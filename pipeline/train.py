@@ -24,7 +24,7 @@ from pipeline.atomic import write_json, write_text
 from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, Params, load_params
 from pipeline.dataset import load_split
-from pipeline.model import load_model, save_model
+from pipeline.model import load_model, portable, save_model, with_precision
 from pipeline.training import (
     HISTORY_KEYS,
     BestWeights,
@@ -33,6 +33,7 @@ from pipeline.training import (
     distribution_strategy,
     fit,
     seed_everything,
+    steps_per_epoch,
 )
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,9 @@ def main() -> None:
     with distribution_strategy(params.train).scope():
         if state is None:
             shutil.rmtree(paths.checkpoint, ignore_errors=True)
-            model = load_model(paths.untrained_model)
-            compile_model(model, params.train)
+            untrained = load_model(paths.untrained_model)
+            model = with_precision(untrained, params.model, params.train.precision)
+            compile_model(model, params.train, steps_per_epoch(len(train), params.train))
         else:
             log.info("resuming from epoch %d of %d", state.epoch, params.train.epochs)
             model = load_model(paths.checkpoint / state.model_file)  # compiled, with optimiser
@@ -204,7 +206,7 @@ def main() -> None:
         summary["model_epoch"] = (
             summary["best_epoch"] if params.train.restore_best else summary["epochs"]
         )
-        save_model(model, paths.model)
+        save_model(portable(model, params.model), paths.model)
         write_text(history_csv(history), paths.history)
         write_json(summary, paths.train_metrics)
         tracking.log_summary(

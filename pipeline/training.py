@@ -15,10 +15,12 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from pipeline.config import AugmentParams, TrainParams
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
+from pipeline.model import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +34,109 @@ class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite; the model is not worth keeping."""
 
 
-def time_decay(
-    learning_rate: float, decay: float
-) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Keras 2's SGD(decay=...): lr / (1 + decay * iterations). Keras 3 ignores `decay` silently."""
-    return keras.optimizers.schedules.InverseTimeDecay(
-        learning_rate, decay_steps=1, decay_rate=decay
+@keras.saving.register_keras_serializable(package="pipeline")
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The learning rate at each optimiser step, by `train.schedule`.
+
+    - time_decay: peak / (1 + decay * step), Keras 2's SGD(decay=...) (Keras 3 ignores `decay`).
+    - step: peak * step_factor ** (completed epochs // step_epochs).
+    - cosine: a linear warm-up to peak over `warmup_steps`, then half a cosine down to 0.
+    - one_cycle: a linear warm-up to peak over `warmup_steps`, then a straight line down to 0.
+    """
+
+    def __init__(
+        self,
+        schedule: str,
+        peak: float,
+        steps_per_epoch: int,
+        total_steps: int,
+        decay: float = 0.0,
+        step_epochs: int = 1,
+        step_factor: float = 1.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        self.schedule, self.peak = schedule, peak
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.decay, self.step_epochs, self.step_factor = decay, step_epochs, step_factor
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: Any) -> Any:
+        step = ops.cast(step, "float32")
+        if self.schedule == "time_decay":
+            return self.peak / (1.0 + self.decay * step)
+        if self.schedule == "step":
+            drops = ops.floor(step / float(self.step_epochs * self.steps_per_epoch))
+            return self.peak * ops.power(self.step_factor, drops)
+        warmup = float(max(self.warmup_steps, 1))
+        rising = self.peak * ops.minimum((step + 1.0) / warmup, 1.0)
+        span = float(max(self.total_steps - self.warmup_steps, 1))
+        progress = ops.clip((step - float(self.warmup_steps)) / span, 0.0, 1.0)
+        if self.schedule == "cosine":
+            falling = self.peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
+        else:  # one_cycle
+            falling = self.peak * (1.0 - progress)
+        return ops.where(step < float(self.warmup_steps), rising, falling)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule,
+            "peak": self.peak,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "decay": self.decay,
+            "step_epochs": self.step_epochs,
+            "step_factor": self.step_factor,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+def steps_per_epoch(train_images: int, params: TrainParams) -> int:
+    """Optimiser steps in one epoch over `train_images` (the last batch may be smaller)."""
+    return math.ceil(train_images / params.batch_size)
+
+
+def learning_rate(params: TrainParams, steps: int) -> LearningRate:
+    """The schedule of `params` for an epoch of `steps` optimiser steps."""
+    return LearningRate(
+        params.schedule,
+        params.peak_learning_rate,
+        steps_per_epoch=steps,
+        total_steps=params.epochs * steps,
+        decay=params.decay,
+        step_epochs=params.step_epochs,
+        step_factor=params.step_factor,
+        warmup_steps=round(params.warmup_epochs * steps),
     )
 
 
-def make_optimizer(params: TrainParams) -> keras.optimizers.Optimizer:
+def make_optimizer(params: TrainParams, steps: int) -> keras.optimizers.Optimizer:
+    """SGD with (Nesterov) momentum and the schedule. Keras applies weight decay decoupled from
+    the gradient: w -= lr * weight_decay * w each step, as an L2 penalty of weight_decay / 2
+    would in plain SGD."""
     return keras.optimizers.SGD(
-        learning_rate=time_decay(params.learning_rate, params.decay),
+        learning_rate=learning_rate(params, steps),
         momentum=params.momentum,
         nesterov=params.nesterov,
+        weight_decay=params.weight_decay or None,
     )
 
 
-def compile_model(model: keras.Model, params: TrainParams) -> None:
-    """SGD with time decay; integer labels, so sparse categorical cross-entropy."""
-    model.compile(
-        optimizer=make_optimizer(params),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+def one_hot_labels(params: TrainParams) -> bool:
+    """Label smoothing needs one-hot targets; without it, integer labels as the seed used."""
+    return params.label_smoothing > 0
+
+
+def make_loss(params: TrainParams) -> keras.losses.Loss:
+    if one_hot_labels(params):
+        return keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
+def compile_model(model: keras.Model, params: TrainParams, steps: int) -> None:
+    """SGD with the learning-rate schedule for epochs of `steps` steps; cross-entropy, smoothed
+    when train.label_smoothing > 0; accuracy."""
+    model.compile(optimizer=make_optimizer(params, steps), loss=make_loss(params),
+                  metrics=["accuracy"])  # fmt: skip
 
 
 def seed_everything(params: TrainParams) -> None:
@@ -88,8 +169,9 @@ def input_pipeline(
     *,
     shuffle_seed: int | None = None,
     augment: AugmentParams | None = None,
+    one_hot: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of (uint8 images, labels) through tf.data.
+    """Batches of (uint8 images, labels) through tf.data; labels one-hot when `one_hot`.
 
     Shuffling permutes indices, not images (a 45,000-image shuffle buffer would copy 135 MB per
     epoch), and batches are gathered from one in-memory copy. Reshuffled every epoch, from
@@ -97,6 +179,8 @@ def input_pipeline(
     """
     images = tf.constant(split.images)
     labels = tf.constant(split.labels.astype(np.int32))
+    if one_hot:
+        labels = tf.one_hot(labels, NUM_CLASSES)
     indices = tf.data.Dataset.range(len(split))
     if shuffle_seed is not None:
         indices = indices.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -104,7 +188,7 @@ def input_pipeline(
         lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    if augment is not None and (augment.flip or augment.translate > 0):
+    if augment is not None and augments(augment):
         rng = tf.random.Generator.from_seed(0 if shuffle_seed is None else shuffle_seed)
         batches = batches.map(
             lambda x, y: (augment_batch(x, augment, rng), y), num_parallel_calls=tf.data.AUTOTUNE
@@ -112,21 +196,37 @@ def input_pipeline(
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
+def augments(augment: AugmentParams) -> bool:
+    return augment.flip or augment.translate > 0 or augment.cutout > 0
+
+
 def augment_batch(images: tf.Tensor, augment: AugmentParams, rng: tf.random.Generator) -> tf.Tensor:
-    """Random horizontal flips and shifts (zero-padded) of a uint8 batch, image by image."""
+    """Random horizontal flips, shifts (zero-padded) and cutout of a uint8 batch, image by image.
+
+    Cutout blanks a square of `cutout` pixels a side, centred anywhere in the image (so it may
+    be cut off at the border), to zero.
+    """
     size = images.shape[1]
+    batch = tf.shape(images)[0]
     if augment.flip:
-        flip = rng.uniform([tf.shape(images)[0], 1, 1, 1]) < 0.5
+        flip = rng.uniform([batch, 1, 1, 1]) < 0.5
         images = tf.where(flip, tf.reverse(images, axis=[2]), images)
     pad = round(augment.translate * size)
     if pad > 0:
-        batch = tf.shape(images)[0]
         padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
         offsets = rng.uniform([batch, 2], 0, 2 * pad + 1, dtype=tf.int32)
         rows = offsets[:, :1] + tf.range(size)[None, :]  # (batch, size)
         cols = offsets[:, 1:] + tf.range(size)[None, :]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
+    if augment.cutout > 0:
+        corners = rng.uniform([batch, 2], 0, size, dtype=tf.int32) - augment.cutout // 2
+        inside_rows = tf.range(size)[None, :] - corners[:, :1]  # (batch, size)
+        inside_cols = tf.range(size)[None, :] - corners[:, 1:]
+        row_hit = (inside_rows >= 0) & (inside_rows < augment.cutout)
+        col_hit = (inside_cols >= 0) & (inside_cols < augment.cutout)
+        square = row_hit[:, :, None, None] & col_hit[:, None, :, None]  # (batch, size, size, 1)
+        images = tf.where(square, tf.zeros_like(images), images)
     return images
 
 
@@ -199,13 +299,15 @@ def fit(
     NaN or infinite.
     """
     # Each epoch's shuffle order depends on the seed and where training (re)starts.
+    one_hot = one_hot_labels(params)
     train_data = input_pipeline(
         train,
         params.batch_size,
         shuffle_seed=params.seed + initial_epoch,
         augment=params.augment,
+        one_hot=one_hot,
     )
-    validation_data = input_pipeline(validation, EVAL_BATCH_SIZE)
+    validation_data = input_pipeline(validation, EVAL_BATCH_SIZE, one_hot=one_hot)
     recorder = EpochRecorder(history)
     best = best or BestWeights()
     model.fit(

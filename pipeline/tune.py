@@ -11,8 +11,6 @@ Every trial is an MLflow run nested under one parent run per study. Outputs: the
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import logging
 import os
 import socket
@@ -22,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import keras
 import matplotlib
 import optuna
 import yaml
@@ -30,17 +27,18 @@ import yaml
 from pipeline import tracking
 from pipeline.atomic import write_text
 from pipeline.cli import run_stage
-from pipeline.config import TUNED_PARAMS, Params, TuneParams, load_params
-from pipeline.dataset import Split, load_split, stratified_split
-from pipeline.errors import PipelineError
-from pipeline.model import build_model
-from pipeline.training import (
-    TrainingDiverged,
-    compile_model,
-    distribution_strategy,
-    fit,
-    seed_everything,
+from pipeline.config import (
+    ChoiceParams,
+    Params,
+    TuneParams,
+    flatten,
+    load_params,
+    to_plain,
+    with_values,
 )
+from pipeline.dataset import split_files
+from pipeline.errors import PipelineError
+from pipeline.trial import TrialJob, run_in_process
 
 matplotlib.use("Agg")
 # Heartbeats and the matplotlib plots are marked experimental; the marks say nothing to a user.
@@ -75,8 +73,14 @@ def make_pruner(params: TuneParams) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(
             n_startup_trials=params.startup_trials, n_warmup_steps=params.warmup_epochs
         )
+    if params.pruner == "successive_halving":  # asynchronous: rungs at 1, r, r^2... epochs
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=params.reduction_factor
+        )
     if params.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=params.epochs)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=params.epochs, reduction_factor=params.reduction_factor
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -150,61 +154,41 @@ def finished_trials(study: optuna.Study) -> int:
 # --- one trial ----------------------------------------------------------------------------------
 
 
-def suggest(trial: optuna.Trial, params: TuneParams) -> dict[str, float]:
-    """The trial's values, by dotted params.yaml name."""
-    values = {}
-    for name, dotted in TUNED_PARAMS.items():
-        bounds = getattr(params.space, name)
-        values[dotted] = trial.suggest_float(dotted, bounds.low, bounds.high, log=bounds.log)
+def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
+    """The trial's values, by dotted params.yaml name: a choice, or a float or integer range
+    (integers for keys that hold integers, such as train.augment.cutout)."""
+    current = flatten(to_plain(params))
+    values: dict[str, Any] = {}
+    for dotted, dimension in params.tune.space.items():
+        if isinstance(dimension, ChoiceParams):
+            choices: list[Any] = list(dimension.choices)
+            values[dotted] = trial.suggest_categorical(dotted, choices)
+        elif isinstance(current[dotted], int) and not isinstance(current[dotted], bool):
+            values[dotted] = trial.suggest_int(
+                dotted, int(dimension.low), int(dimension.high), log=dimension.log
+            )
+        else:
+            values[dotted] = trial.suggest_float(
+                dotted, dimension.low, dimension.high, log=dimension.log
+            )
     return values
 
 
-def with_values(params: Params, values: dict[str, Any]) -> Params:
-    """params with dotted keys replaced: {'train.learning_rate': 0.05} -> a new frozen Params."""
-    sections: dict[str, dict[str, Any]] = {}
-    for dotted, value in values.items():
-        section, key = dotted.split(".", 1)
-        sections.setdefault(section, {})[key] = value
-    changes = {
-        section: dataclasses.replace(getattr(params, section), **keys)
-        for section, keys in sections.items()
-    }
-    return dataclasses.replace(params, **changes)
-
-
-class ReportToTrial(keras.callbacks.Callback):
-    """Reports validation accuracy after each epoch; raises TrialPruned when Optuna says so."""
-
-    def __init__(self, trial: optuna.Trial) -> None:
-        super().__init__()
-        self.trial = trial
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if not logs:  # a diverged epoch: fit raises TrainingDiverged right after
-            return
-        self.trial.set_user_attr("epochs", epoch + 1)
-        self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
-
 class Objective:
-    """Trains one trial's configuration on the trial subset; returns final validation accuracy."""
+    """One trial: its values, its MLflow run, and its training in a process of its own.
 
-    def __init__(self, params: Params, train: Split, validation: Split, parent_run_id: str) -> None:
-        self.params, self.train, self.validation = params, train, validation
+    Returns the final validation accuracy; raises TrialPruned for a pruned or diverged trial.
+    """
+
+    def __init__(self, params: Params, parent_run_id: str) -> None:
+        self.params = params
         self.parent_run_id = parent_run_id
-        self.strategy = distribution_strategy(params.train)
 
     def __call__(self, trial: optuna.Trial) -> float:
         claim_slot(trial, self.params.tune.n_trials)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        values = suggest(trial, self.params.tune)
-        params = with_values(self.params, values)
-        train_params = dataclasses.replace(params.train, epochs=self.params.tune.epochs)
-        keras.backend.clear_session()  # memory stays flat across trials
-        gc.collect()
-        seed_everything(train_params)
+        values = suggest(trial, self.params)
+        params = with_values(self.params, {**values, "train.epochs": self.params.tune.epochs})
         tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
         with tracking.tracked_run(
             params.mlflow.experiment,
@@ -216,54 +200,43 @@ class Objective:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             tracking.log_params(params)
             tracking.set_tags({"optuna.state": "RUNNING"})
+            job = TrialJob(
+                params=params,
+                study_name=trial.study.study_name,
+                storage=storage_url(params.tune),
+                trial_id=trial._trial_id,
+                pruner=trial.study.pruner,
+                tracking_uri=tracking.tracking_uri(),
+                run_id=run.info.run_id,
+                cwd=os.getcwd(),
+                parent_pid=os.getpid(),
+            )
             try:
-                with self.strategy.scope():
-                    model = build_model(params.model)
-                    compile_model(model, train_params)
-                started = time.perf_counter()
-                history = fit(
-                    model,
-                    self.train,
-                    self.validation,
-                    train_params,
-                    callbacks=[
-                        tracking.EpochLogger(),
-                        ReportToTrial(trial),
-                    ],  # log, then maybe prune
-                    verbose=0,
-                )
-            except TrainingDiverged as error:
-                # Far too high a learning rate: a result about the space, not a crash.
-                trial.set_user_attr("pruned_reason", str(error))
-                tracking.set_tags({"optuna.state": "PRUNED", "optuna.pruned_reason": str(error)})
-                raise optuna.TrialPruned(str(error)) from None
-            except optuna.TrialPruned as pruned:
-                trial.set_user_attr("pruned_reason", str(pruned))
-                tracking.set_tags({"optuna.state": "PRUNED", "optuna.pruned_reason": str(pruned)})
-                raise
+                outcome = run_in_process(job, f"trial {trial.number}")
             except BaseException:
                 tracking.set_tags({"optuna.state": "FAIL"})
                 raise
-            trial.set_user_attr("fit_seconds", round(time.perf_counter() - started, 3))
-            value = history["val_accuracy"][-1]
+            trial.set_user_attr("fit_seconds", outcome.fit_seconds)
+            trial.set_user_attr("peak_rss_mb", outcome.peak_rss_mb)
+            if outcome.state == "pruned":
+                trial.set_user_attr("pruned_reason", outcome.reason)
+                tags = {"optuna.state": "PRUNED", "optuna.pruned_reason": outcome.reason}
+                tracking.set_tags(tags)
+                raise optuna.TrialPruned(outcome.reason)
+            if outcome.state != "complete" or outcome.value is None:
+                tracking.set_tags({"optuna.state": "FAIL"})
+                if outcome.state == "bad_input":
+                    raise PipelineError(outcome.reason)
+                raise RuntimeError(f"trial {trial.number} failed in its process:\n{outcome.reason}")
             tracking.set_tags({"optuna.state": "COMPLETE"})
-            tracking.log_summary({"objective_val_accuracy": value})
-        return value  # logged by StopWhenFull once Optuna has stored it
-
-
-def trial_subset(train: Split, params: TuneParams) -> Split:
-    """A stratified, seeded share of the training split (all of it at train_fraction 1)."""
-    if params.train_fraction >= 1:
-        return train
-    size = round(params.train_fraction * len(train))
-    _, picked = stratified_split(train.labels, size, params.seed, what="tune.train_fraction")
-    return Split(train.images[picked], train.labels[picked])
+            tracking.log_summary({"objective_val_accuracy": outcome.value})
+        return outcome.value  # logged by StopWhenFull once Optuna has stored it
 
 
 # --- outputs ------------------------------------------------------------------------------------
 
 
-def trials_table(study: optuna.Study) -> str:
+def trials_table(study: optuna.Study, tuned: list[str]) -> str:
     """Every trial as CSV: number, state, params, value, duration (s), epochs run, reason."""
     frame = study.trials_dataframe(
         attrs=("number", "state", "params", "value", "duration", "user_attrs")
@@ -273,7 +246,7 @@ def trials_table(study: optuna.Study) -> str:
     frame["duration"] = frame["duration"].dt.total_seconds().round(2)
     frame = frame.rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
     frame = frame.rename(columns={"duration": "duration_s", "epochs": "epochs_run"})
-    first = ["number", "state", *TUNED_PARAMS.values(), "value", "duration_s", "epochs_run"]
+    first = ["number", "state", *tuned, "value", "duration_s", "epochs_run"]
     columns = [c for c in first if c in frame] + [c for c in frame if c not in first]
     return str(frame[columns].to_csv(index=False))
 
@@ -284,7 +257,7 @@ def best_trial_report(study: optuna.Study) -> dict[str, Any]:
         "study": study.study_name,
         "trial": best.number,
         "val_accuracy": round(float(best.value), 6) if best.value is not None else None,
-        "params": {name: float(best.params[name]) for name in TUNED_PARAMS.values()},
+        "params": dict(best.params),
     }
 
 
@@ -315,12 +288,17 @@ def draw_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 def write_outputs(study: optuna.Study, params: Params) -> dict[str, Any]:
     paths = params.paths
-    write_text(trials_table(study), paths.trials)
+    write_text(trials_table(study, list(params.tune.space)), paths.trials)
     plots = draw_plots(study, paths.sweep_plots)
     best = best_trial_report(study)
     write_text(yaml.safe_dump(best, sort_keys=False), paths.best_params)
     tracking.log_summary({"best_val_accuracy": best["val_accuracy"], "best_trial": best["trial"]})
-    tracking.set_tags({f"best.{name}": f"{value:.6g}" for name, value in best["params"].items()})
+    tracking.set_tags(
+        {
+            f"best.{name}": f"{value:.6g}" if isinstance(value, float) else str(value)
+            for name, value in best["params"].items()
+        }
+    )
     tracking.log_artifacts([paths.trials, paths.best_params])
     tracking.log_artifacts(plots, "plots")
     return best
@@ -431,10 +409,10 @@ def sweep(params: Params) -> dict[str, Any]:
             log.info(
                 "study %r has %d of %d trials; running trials", study.study_name, done, n_trials
             )
-            train = trial_subset(load_split(params.paths.prepared, "train"), params.tune)
-            validation = load_split(params.paths.prepared, "validation")
+            for split in ("train", "validation"):  # before any trial: one clear error
+                split_files(params.paths.prepared, split)
             study.optimize(
-                Objective(params, train, validation, parent.info.run_id),
+                Objective(params, parent.info.run_id),
                 timeout=params.tune.timeout,
                 callbacks=[StopWhenFull(n_trials)],
                 catch=(SurplusTrial,),

@@ -312,7 +312,15 @@ def run(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProc
 def copy_project(destination: Path) -> Path:
     """A fresh git + DVC repository holding this project's tracked pipeline files."""
     destination.mkdir(parents=True, exist_ok=True)
-    for name in ("pipeline", "sweep", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"):
+    for name in (
+        "pipeline",
+        "sweep",
+        "recipes",
+        "dvc.yaml",
+        "params.yaml",
+        ".gitignore",
+        "pyproject.toml",
+    ):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(

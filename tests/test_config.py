@@ -104,19 +104,53 @@ def test_bad_params_fail_before_any_download(
         ),
         (
             lambda p: p["tune"].update(pruner="sometimes"),
-            "tune.pruner = 'sometimes' is not allowed: must be one of 'median', 'hyperband', 'none'",
+            "tune.pruner = 'sometimes' is not allowed: must be one of 'median', 'successive_halving', 'hyperband', 'none'",
         ),
         (
-            lambda p: p["tune"]["space"]["momentum"].update(low=0.9, high=0.5),
-            "tune.space.momentum: low (0.9) must be below high (0.5)",
+            lambda p: p["tune"]["space"]["train.momentum"].update(low=0.9, high=0.5),
+            "tune.space.train.momentum: low (0.9) must be below high (0.5)",
         ),
         (
-            lambda p: p["tune"]["space"]["conv_dropout"].update(high=1.2),
-            "tune.space: conv_dropout: [0.0, 1.2] must lie within [0, 1)",
+            lambda p: p["tune"]["space"]["model.conv_dropout"].update(high=1.2),
+            "tune.space.model.conv_dropout: the value 1.2 is refused (model.conv_dropout = 1.2 "
+            "is out of range: must be a number in [0, 1))",
         ),
         (
-            lambda p: p["tune"]["space"]["learning_rate"].update(low=0.0),
-            "tune.space.learning_rate: low (0.0) must be > 0 on a log scale",
+            lambda p: p["tune"]["space"]["train.learning_rate"].update(low=0.0),
+            "tune.space.train.learning_rate: low (0.0) must be > 0 on a log scale",
+        ),
+        (
+            lambda p: p["tune"]["space"].update(
+                {"train.learnig_rate": {"low": 0.1, "high": 1, "log": False}}
+            ),
+            "tune.space.train.learnig_rate: params.yaml has no key 'train.learnig_rate'",
+        ),
+        (
+            lambda p: p["tune"]["space"].update(
+                {"data.timeout": {"low": 1, "high": 9, "log": False}}
+            ),
+            "tune.space.data.timeout: only model.* and train.* params can be tuned",
+        ),
+        (
+            lambda p: p["tune"]["space"].update(
+                {"train.schedule": {"choices": ["cosine", "linear"]}}
+            ),
+            "tune.space.train.schedule: the value 'linear' is refused (train.schedule = 'linear' is "
+            "not allowed: must be one of 'time_decay', 'step', 'cosine', 'one_cycle')",
+        ),
+        (
+            lambda p: p["tune"]["space"].update(
+                {"train.augment.cutout": {"low": 0, "high": 8.5, "log": False}}
+            ),
+            "tune.space.train.augment.cutout: train.augment.cutout is an integer, so low and high must be integers",
+        ),
+        (
+            lambda p: p["tune"]["space"].update({"train.schedule": {"choices": []}}),
+            "tune.space.train.schedule.choices = [] is out of range: must be a non-empty list",
+        ),
+        (
+            lambda p: p["tune"].update(reduction_factor=1),
+            "tune.reduction_factor = 1 is out of range: must be an integer >= 2",
         ),
         (
             lambda p: p["tune"].update(grace_seconds=10, heartbeat_seconds=30),

@@ -153,7 +153,7 @@ import yaml
 from pipeline.config import params_from_dict
 from pipeline.dataset import Split
 from pipeline.model import build_model
-from pipeline.training import compile_model, distribution_strategy, fit
+from pipeline.training import compile_model, distribution_strategy, fit, steps_per_epoch
 raw = yaml.safe_load(open(sys.argv[1]))
 raw["model"].update(conv_filters=[4, 8], dense_units=16)
 raw["train"].update(distribute="mirrored", epochs=2, batch_size=16)
@@ -165,7 +165,7 @@ images = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, 96).astype(np.uint8)
 with strategy.scope():
     model = build_model(params.model)
-    compile_model(model, params.train)
+    compile_model(model, params.train, steps_per_epoch(64, params.train))
 history = fit(model, Split(images[:64], labels[:64]), Split(images[64:], labels[64:]), params.train, verbose=0)
 assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
 print("replicas", strategy.num_replicas_in_sync, "steps", int(model.optimizer.iterations.numpy()))

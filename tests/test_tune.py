@@ -78,6 +78,11 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
     study = load(project)
     assert len(study.trials) == 3
     assert all(t.state in (State.COMPLETE, State.PRUNED) for t in study.trials)
+    # Each trial trained in a process of its own, so its memory went back when it ended.
+    processes = [t.user_attrs["process"] for t in study.trials]
+    workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in study.trials}
+    assert len(set(processes)) == 3 and not workers & set(processes) and len(workers) == 1
+    assert all(t.user_attrs["peak_rss_mb"] > 0 for t in study.trials)
     trials_csv = (project / "sweep/trials.csv").read_text().splitlines()
     assert trials_csv[0].split(",")[:8] == [
         "number", "state", "train.learning_rate", "train.momentum", "model.conv_dropout",
@@ -138,10 +143,10 @@ def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_p
         tmp_path,
         epochs=4,
         space={
-            "learning_rate": {"low": 1e-9, "high": 1e10, "log": True},
-            "momentum": {"low": 0.0, "high": 0.95, "log": False},
-            "conv_dropout": {"low": 0.0, "high": 0.5, "log": False},
-            "dense_dropout": {"low": 0.0, "high": 0.5, "log": False},
+            "train.learning_rate": {"low": 1e-9, "high": 1e10, "log": True},
+            "train.momentum": {"low": 0.0, "high": 0.95, "log": False},
+            "model.conv_dropout": {"low": 0.0, "high": 0.5, "log": False},
+            "model.dense_dropout": {"low": 0.0, "high": 0.5, "log": False},
         },
     )
     study = optuna.create_study(
