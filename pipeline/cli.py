@@ -21,6 +21,13 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
 
 
+def configure_logging() -> None:
+    """Timestamped INFO lines on stderr, for the stages and the processes they start."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    )
+
+
 def peak_memory_mb() -> float:
     """This process's peak resident memory so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -31,9 +38,7 @@ def run_stage(main: Callable[[], None]) -> None:
 
     Any other exception keeps its traceback: it is a bug, not bad input.
     """
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
+    configure_logging()
     signal.signal(signal.SIGTERM, _terminate)
     started = time.perf_counter()
     try:

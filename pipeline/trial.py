@@ -25,6 +25,7 @@ import keras
 import optuna
 
 from pipeline import tracking
+from pipeline.cli import configure_logging
 from pipeline.config import Params, TuneParams
 from pipeline.dataset import Split, load_split, stratified_split
 from pipeline.errors import PipelineError
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 class TrialJob:
     """What a trial's process needs; it reads the data from disk itself."""
 
-    params: Params  # with the trial's values, and train.epochs = tune.epochs
+    params: Params  # with the trial's values (config.trial_values)
     study_name: str
     storage: str  # the Optuna storage URL
     trial_id: int
@@ -77,6 +78,10 @@ class ReportToTrial(keras.callbacks.Callback):
             return
         self.trial.set_user_attr("epochs", epoch + 1)
         self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
+        log.info(
+            "trial %d: epoch %d of %d, val_accuracy %.4f",
+            self.trial.number, epoch + 1, self.params["epochs"], logs["val_accuracy"],
+        )  # fmt: skip
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
@@ -110,6 +115,7 @@ def trial_subset(train: Split, params: TuneParams) -> Split:
 
 def train_trial(job: TrialJob, connection: Connection) -> None:
     """The trial process: trains, then sends its TrialOutcome to the parent."""
+    configure_logging()
     try:
         outcome = _train(job)
     except PipelineError as error:  # bad data or params: one line for the user
