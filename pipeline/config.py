@@ -262,9 +262,10 @@ class Params:
                 values = [int(dimension.low), int(dimension.high)]
             else:
                 values = [dimension.low, dimension.high]
-            for value in values:
-                trial = {section: copy.deepcopy(tree[section])}
-                set_dotted(trial, dotted, value, where)
+            for value in values:  # in the trial's own configuration, as the sweep trains it
+                trial = copy.deepcopy(tree)
+                for key, changed in trial_values(self, {dotted: value}).items():
+                    set_dotted(trial, key, changed, where)
                 try:
                     _build(SECTIONS[section], trial[section], f"{section}.", "tune.space")
                 except ParamsError as error:
@@ -339,6 +340,19 @@ def with_values(params: Params, values: Mapping[str, Any], source: str = "overri
     for dotted, value in values.items():
         set_dotted(tree, dotted, value, source)
     return params_from_dict(tree, source=source)
+
+
+def trial_values(params: Params, values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a sweep trial changes in params: its suggested `values`, `tune.epochs` epochs and,
+    unless it is tuned, the warm-up scaled to keep its share of the shorter run (a schedule
+    written for the full run then fits a trial, and a trial's 2 of 10 epochs hand back as
+    10 of 50)."""
+    train = params.train
+    changes: dict[str, Any] = {
+        "train.epochs": params.tune.epochs,
+        "train.warmup_epochs": train.warmup_epochs * params.tune.epochs / train.epochs,
+    }
+    return {**changes, **values}
 
 
 def load_recipe(name: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from pipeline.config import (
     flatten,
     load_params,
     to_plain,
+    trial_values,
     with_values,
 )
 from pipeline.dataset import split_files
@@ -188,7 +189,7 @@ class Objective:
         claim_slot(trial, self.params.tune.n_trials)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         values = suggest(trial, self.params)
-        params = with_values(self.params, {**values, "train.epochs": self.params.tune.epochs})
+        params = with_values(self.params, trial_values(self.params, values))
         tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
         with tracking.tracked_run(
             params.mlflow.experiment,

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import ParamsError, flatten, load_params, params_from_dict, to_plain
+from pipeline.config import (
+    ParamsError,
+    flatten,
+    load_params,
+    params_from_dict,
+    to_plain,
+    trial_values,
+    with_values,
+)
 from tests.conftest import ROOT, run, write_params
 
 
@@ -149,6 +157,13 @@ def test_bad_params_fail_before_any_download(
             "tune.space.train.schedule.choices = [] is out of range: must be a non-empty list",
         ),
         (
+            lambda p: p["tune"]["space"].update(
+                {"train.warmup_epochs": {"low": 1, "high": 12, "log": False}}
+            ),
+            "tune.space.train.warmup_epochs: the value 12.0 is refused (train: warmup_epochs "
+            "(12.0) must be below epochs (10)",
+        ),
+        (
             lambda p: p["tune"].update(reduction_factor=1),
             "tune.reduction_factor = 1 is out of range: must be an integer >= 2",
         ),
@@ -169,3 +184,16 @@ def test_training_and_sweep_params_are_checked(
     with pytest.raises(ParamsError) as error:
         params_from_dict(params_dict)
     assert message in str(error.value)
+
+
+def test_a_sweep_trial_keeps_the_share_of_warm_up_in_its_shorter_run(
+    params_dict: dict[str, Any],
+) -> None:
+    params_dict["train"].update(schedule="one_cycle", epochs=50, warmup_epochs=10)
+    params_dict["tune"].update(epochs=10)
+    params = params_from_dict(params_dict)  # 10 warm-up epochs > a trial's 10: still valid
+    trial = with_values(params, trial_values(params, {"train.momentum": 0.85}))
+    assert (trial.train.epochs, trial.train.warmup_epochs) == (10, 2.0)
+    assert trial.train.momentum == 0.85
+    tuned = trial_values(params, {"train.warmup_epochs": 3.0})  # a tuned warm-up is the trial's
+    assert tuned["train.warmup_epochs"] == 3.0
