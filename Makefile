@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro tune handback test lint lock
+.PHONY: install repro recipe tune handback test lint lock
 
 # Reinstalls only when the declared dependencies or the lock change.
 $(STAMP): pyproject.toml requirements.lock
@@ -18,6 +18,10 @@ install: $(STAMP)
 # The stages call `python -m pipeline.<stage>`: the venv goes first on PATH.
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
+
+# Writes a recipe (recipes/NAME.yaml) into params.yaml: `make recipe NAME=fast`; no NAME lists them.
+recipe: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pipeline.recipe $(NAME)
 
 # The Optuna sweep (sweep/dvc.yaml); never part of `make repro`. Then `make handback` writes the
 # best values into params.yaml, and `make repro` trains and evaluates that configuration.

@@ -272,10 +272,11 @@ def shrink(params: dict[str, Any], archive_sha256: str | None = None) -> dict[st
 def tiny_params(
     archive: Path, train: dict[str, Any] | None = None, tune: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Params for a tiny archive and a narrow network (5,934 parameters) trained for 2 epochs."""
+    """The shipped params for a tiny archive: a narrow network (5,934 parameters), 2 epochs."""
     params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
     params["model"].update(conv_filters=[4, 8], dense_units=16)
-    params["train"].update({"epochs": 2, "batch_size": 16, **(train or {})})
+    # Half an epoch of warm-up: the shipped warm-up is longer than a tiny run.
+    params["train"].update({"epochs": 2, "batch_size": 16, "warmup_epochs": 0.5, **(train or {})})
     params["tune"].update(tune or {})
     return params
 
@@ -312,9 +313,9 @@ def run(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProc
 def copy_project(destination: Path) -> Path:
     """A fresh git + DVC repository holding this project's tracked pipeline files."""
     destination.mkdir(parents=True, exist_ok=True)
-    for name in (
+    for name in (  # the sweep's definition, not the outputs of the sweep that is committed
         "pipeline",
-        "sweep",
+        "sweep/dvc.yaml",
         "recipes",
         "dvc.yaml",
         "params.yaml",
@@ -327,6 +328,7 @@ def copy_project(destination: Path) -> Path:
                 source, destination / name, ignore=shutil.ignore_patterns("__pycache__")
             )
         else:
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     for cmd in (
         ["git", "init", "-q"],

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import (
     run,
@@ -24,7 +25,8 @@ def test_queued_experiments_log_to_the_workspace_mlflow_store(tmp_path: Path) ->
     )
     assert commit.returncode == 0, commit.stderr
 
-    for learning_rate in ("0.05", "0.02"):
+    default = str(yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"])
+    for learning_rate in ("0.031", "0.017"):
         queued = run(
             ["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={learning_rate}"],
             project,
@@ -52,7 +54,7 @@ def test_queued_experiments_log_to_the_workspace_mlflow_store(tmp_path: Path) ->
     assert Path(experiment.artifact_location.removeprefix("file://")) == project / "mlruns"
     runs = client.search_runs([experiment.experiment_id])
     rates = sorted(r.data.params["train.learning_rate"] for r in runs)
-    assert rates == ["0.01", "0.02", "0.05"]  # the workspace's run and both queued ones
+    assert rates == sorted([default, "0.031", "0.017"])  # the workspace's run, both queued ones
     for run_ in runs:
         assert run_.info.status == "FINISHED"
         assert "test_accuracy" in run_.data.metrics  # evaluate continued each run

@@ -99,8 +99,12 @@ def test_the_mlflow_run_holds_params_metrics_tags_inputs_artifacts(
     assert run_.info.status == "FINISHED"
     assert client.get_experiment(run_.info.experiment_id).name == "cifar10-cnn"
     params = run_.data.params
-    assert params["train.learning_rate"] == "0.01" and params["model.conv_dropout"] == "0.25"
-    assert params["train.augment.flip"] == "False" and params["preprocess.validation_size"] == "30"
+    shipped = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train.learning_rate"] == str(shipped["train"]["learning_rate"])
+    assert params["model.conv_dropout"] == str(shipped["model"]["conv_dropout"])
+    assert params["train.augment.flip"] == str(shipped["train"]["augment"]["flip"])
+    assert params["train.schedule"] == shipped["train"]["schedule"]
+    assert params["preprocess.validation_size"] == "30"
     history = client.get_metric_history(run_.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2]
     for metric in ("loss", "accuracy", "val_loss", "learning_rate"):

@@ -112,3 +112,10 @@ def test_values_applied_in_memory_are_checked_like_the_file() -> None:
     assert to_plain(changed)["model"] == to_plain(params)["model"]
     with pytest.raises(ParamsError, match=r"train.augment.cutout = 40 is out of range"):
         with_values(params, {"train.augment.cutout": 40})
+
+
+def test_params_yaml_ships_the_best_recipe() -> None:
+    """`dvc repro` on a fresh clone trains the best recipe; `recipe seed` is one command away."""
+    shipped = flatten(to_plain(load_params(ROOT / "params.yaml")))
+    best = load_recipe(str(ROOT / "recipes/best.yaml"))
+    assert {key: shipped[key] for key in best} == best

@@ -156,7 +156,7 @@ from pipeline.model import build_model
 from pipeline.training import compile_model, distribution_strategy, fit, steps_per_epoch
 raw = yaml.safe_load(open(sys.argv[1]))
 raw["model"].update(conv_filters=[4, 8], dense_units=16)
-raw["train"].update(distribute="mirrored", epochs=2, batch_size=16)
+raw["train"].update(distribute="mirrored", epochs=2, batch_size=16, warmup_epochs=0.5)
 params = params_from_dict(raw)
 strategy = distribution_strategy(params.train)
 assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
@@ -186,7 +186,7 @@ def test_dvc_push_then_pull_in_a_fresh_clone_restores_data_and_model(tmp_path: P
     project = copy_project(tmp_path / "project")
     params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), sha256_of(archive))
     params["model"].update(conv_filters=[4, 8], dense_units=16)
-    params["train"].update(epochs=1, batch_size=16)
+    params["train"].update(epochs=1, batch_size=16, warmup_epochs=0.5)
     write_params(project, params)
     env = {
         "CIFAR10_URL": str(archive),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import keras
 import numpy as np
 import pytest
 
-from pipeline.config import AugmentParams, params_from_dict
+from pipeline.config import AugmentParams, load_recipe, params_from_dict, set_dotted
 from pipeline.dataset import Split
 from pipeline.model import build_model, summary_text
 from pipeline.training import (
@@ -21,7 +20,7 @@ from pipeline.training import (
     seed_everything,
     steps_per_epoch,
 )
-from tests.conftest import make_tiny_cifar
+from tests.conftest import ROOT, make_tiny_cifar
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,16 @@ def tiny_splits() -> tuple[Split, Split]:
     return Split(images[:160], labels[:160]), Split(images[160:], labels[160:])
 
 
+def seed_params(params_dict: dict[str, Any]) -> dict[str, Any]:
+    """The real params.yaml with the seed's recipe applied: the tests' known starting point."""
+    for key, value in load_recipe(str(ROOT / "recipes/seed.yaml")).items():
+        set_dotted(params_dict, key, value, "the seed recipe")
+    return params_dict
+
+
 def small(params_dict: dict[str, Any], **train: Any) -> Any:
+    """The seed's training of a narrow network (5,934 parameters), with `train` changes."""
+    params_dict = seed_params(params_dict)
     params_dict["model"].update(conv_filters=[4, 8], dense_units=16)
     params_dict["train"].update({"epochs": 2, "batch_size": 16, **train})
     return params_from_dict(params_dict)
@@ -43,7 +51,7 @@ def small(params_dict: dict[str, Any], **train: Any) -> Any:
 def test_the_seed_network_has_1_250_858_parameters_and_takes_raw_pixels(
     params_dict: dict[str, Any],
 ) -> None:
-    model = build_model(params_from_dict(params_dict).model)
+    model = build_model(params_from_dict(seed_params(params_dict)).model)
     assert model.count_params() == 1_250_858
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 1_250_858
     counts = [layer.count_params() for layer in model.layers if layer.count_params()]
@@ -163,10 +171,22 @@ def test_augmentation_flips_and_shifts_each_image(tiny_splits: tuple[Split, Spli
     assert not np.array_equal(shifted, original)
 
 
-def test_the_seed_configuration_has_no_augmentation(params_dict: dict[str, Any]) -> None:
-    augment = params_from_dict(params_dict).train.augment
-    assert augment == AugmentParams(flip=False, translate=0.0, cutout=0)
-    assert dataclasses.is_dataclass(augment)
+def test_symmetric_pixels_span_minus_one_to_one_and_he_init_scales_for_relu(
+    params_dict: dict[str, Any],
+) -> None:
+    params_dict["model"].update(pixel_scale="symmetric", kernel_initializer="he_normal")
+    model = build_model(params_from_dict(params_dict).model)
+    scale = model.get_layer("scale")
+    pixels = np.array([0, 127.5, 255], dtype=np.float32)
+    np.testing.assert_allclose(pixels * scale.scale + scale.offset, [-1, 0, 1], atol=1e-6)
+    assert model.count_params() == 1_250_858
+    first = model.get_layer("conv1a").kernel.numpy()  # He: std sqrt(2 / fan_in), fan_in 27
+    assert float(first.std()) == pytest.approx((2 / 27) ** 0.5, rel=0.15)
+    glorot = build_model(params_from_dict(seed_params(params_dict)).model)  # sqrt(2 / 315)
+    assert float(glorot.get_layer("conv1a").kernel.numpy().std()) == pytest.approx(
+        (2 / (27 + 288)) ** 0.5, rel=0.15
+    )
+    assert model.get_layer("probabilities").kernel_initializer.__class__.__name__ == "GlorotUniform"
 
 
 @pytest.mark.parametrize("restore_best", [True, False])
