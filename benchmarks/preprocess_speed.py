@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.accuracy import machine  # noqa: E402
 
 REFERENCE = r"""
 import os, pickle, resource, sys, tarfile, tempfile, time
@@ -98,7 +100,7 @@ def main() -> None:
     report = {
         "benchmark": "preprocess the full CIFAR-10 archive",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}",
+        "machine": machine(),
         "python": platform.python_version(),
         "repeats": args.repeats,
         "results": summary,

@@ -52,8 +52,13 @@ def main() -> None:
         (project / "recipes").mkdir(exist_ok=True)
         params = yaml.safe_load((project / "params.yaml").read_text())
         values = load_recipe(str(ROOT / "recipes" / f"{args.recipe}.yaml")) if args.recipe else {}
+        for key, value in values.items():
+            set_dotted(params, key, value, "benchmark")
+        train = params["train"]
         values |= {
             "train.epochs": args.epochs,
+            # the same share of warm-up in the shorter run (memory does not depend on it)
+            "train.warmup_epochs": train["warmup_epochs"] * args.epochs / train["epochs"],
             "tune.n_trials": args.trials,
             "tune.epochs": 1,
             "tune.train_fraction": 0.1,

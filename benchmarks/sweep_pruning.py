@@ -1,15 +1,17 @@
 """Benchmark: the same sweep budget with and without pruning, on a subset of the real data.
 
-Both sweeps draw the same trials (the same seeded TPE sampler, the same budget of trials and
-epochs per trial), through the real `pipeline.tune.sweep` on throwaway SQLite and MLflow stores;
-one prunes (Hyperband by default, or the median pruner), the other runs every trial to the
-end. Reported: the best validation accuracy each found and the epochs each trained. Needs
-`dvc repro preprocess`.
+Both sweeps have the same budget (trials, epochs per trial) and the same seeded TPE sampler,
+and run through the real `pipeline.tune.sweep` on throwaway SQLite and MLflow stores; one prunes
+(successive halving by default, or the median or Hyperband pruner), the other runs every trial
+to the end. Reported: the best validation accuracy each found and the epochs each trained.
+`--recipe` trains every trial with a recipe's settings (the sweep then tunes the keys in
+params.yaml's `tune.space` on top). Needs `dvc repro preprocess`.
 
-    python benchmarks/sweep_pruning.py --trials 16 --epochs 6 --fraction 0.1
+    python benchmarks/sweep_pruning.py --trials 16 --epochs 6 --fraction 0.1 --recipe fast
 
-Also reports each process's peak memory after every trial (memory stays flat across trials
-because each trial clears the Keras session). Writes benchmarks/results/sweep_pruning.json.
+Memory: each trial trains in its own process, so the sweep's own memory must stay flat; the
+report has the sweep process's resident memory after every trial and every trial process's peak.
+Writes benchmarks/results/<name>.json.
 """
 
 from __future__ import annotations
@@ -18,23 +20,28 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.accuracy import machine  # noqa: E402
 
 
 def run_sweep(pruner: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import optuna
 
     from pipeline import tune
-    from pipeline.config import load_params
+    from pipeline.config import load_params, load_recipe, with_values
 
     base = load_params()
+    if args.recipe:
+        base = with_values(base, load_recipe(args.recipe))
     params = dataclasses.replace(
         base,
         tune=dataclasses.replace(
@@ -47,6 +54,7 @@ def run_sweep(pruner: str, args: argparse.Namespace, workdir: Path) -> dict[str,
             pruner=pruner,
             startup_trials=args.startup,
             warmup_epochs=args.warmup,
+            reduction_factor=args.reduction_factor,
         ),
         paths=dataclasses.replace(
             base.paths,
@@ -60,7 +68,7 @@ def run_sweep(pruner: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     original = tune.StopWhenFull.__call__
 
     def record(self: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        rss_after_trial.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        rss_after_trial.append(resident_mb())
         original(self, study, trial)
 
     tune.StopWhenFull.__call__ = record  # type: ignore[method-assign]
@@ -78,8 +86,16 @@ def run_sweep(pruner: str, args: argparse.Namespace, workdir: Path) -> dict[str,
             for state in ("COMPLETE", "PRUNED", "FAIL")
         },
         "seconds": round(seconds, 1),
-        "peak_rss_mb_after_each_trial": [round(r) for r in rss_after_trial],
+        "sweep_rss_mb_after_each_trial": [round(r) for r in rss_after_trial],
+        "sweep_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "trial_peak_rss_mb": [round(t.user_attrs.get("peak_rss_mb", 0)) for t in trials],
     }
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (not its peak)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main() -> None:
@@ -93,9 +109,19 @@ def main() -> None:
     parser.add_argument(
         "--warmup", type=int, default=1, help="median pruner: epochs before pruning"
     )
-    parser.add_argument("--pruner", choices=["median", "hyperband"], default="hyperband")
+    parser.add_argument(
+        "--reduction-factor", type=int, default=3, help="successive halving, Hyperband"
+    )
+    parser.add_argument(
+        "--pruner", choices=["median", "successive_halving", "hyperband"],
+        default="successive_halving",
+    )  # fmt: skip
+    parser.add_argument("--recipe", help="train every trial with this recipe (recipes/NAME)")
     parser.add_argument("--name", default="sweep_pruning", help="results/<name>.json")
-    parser.add_argument("--side", choices=["median", "hyperband", "none"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--side", choices=["median", "successive_halving", "hyperband", "none"],
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -105,14 +131,15 @@ def main() -> None:
         return
 
     import subprocess
-    import sys
 
     sides = {}
     for side in (args.pruner, "none"):  # each in a fresh process: its own memory figure
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--side", side, "--output", out.name]
-            for flag in ("trials", "epochs", "fraction", "startup", "warmup"):
-                command += [f"--{flag}", str(getattr(args, flag))]
+            for flag in ("trials", "epochs", "fraction", "startup", "warmup", "reduction_factor"):
+                command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            if args.recipe:
+                command += ["--recipe", args.recipe]
             subprocess.run(command, check=True)
             sides["unpruned" if side == "none" else "pruned"] = json.loads(
                 Path(out.name).read_text()
@@ -121,7 +148,7 @@ def main() -> None:
     report = {
         "benchmark": "sweep with and without pruning, same budget",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("side", "output", "name")},
         "results": sides,
         "accuracy_gap_points": round(
