@@ -180,7 +180,8 @@ def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_p
 
 
 def test_a_killed_sweep_resumes_and_its_dead_trial_is_failed_and_retried(tmp_path: Path) -> None:
-    project, env = sweep_project(tmp_path, n_trials=4, epochs=30)
+    # No pruner: trial 1 must still be training when the test looks for it.
+    project, env = sweep_project(tmp_path, n_trials=4, epochs=30, pruner="none")
     worker = subprocess.Popen(
         ["python", "-m", "pipeline.tune"], cwd=project, env=run_env(**env),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
