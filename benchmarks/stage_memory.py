@@ -45,20 +45,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     args = parser.parse_args()
 
-    from pipeline.config import load_recipe, set_dotted
+    from pipeline.config import load_params, load_recipe, set_dotted, shorter_run, with_values
 
     with tempfile.TemporaryDirectory() as tmp:
         project = copy_project(Path(tmp) / "project")
         (project / "recipes").mkdir(exist_ok=True)
         params = yaml.safe_load((project / "params.yaml").read_text())
         values = load_recipe(str(ROOT / "recipes" / f"{args.recipe}.yaml")) if args.recipe else {}
-        for key, value in values.items():
-            set_dotted(params, key, value, "benchmark")
-        train = params["train"]
+        values |= shorter_run(
+            with_values(load_params(project / "params.yaml"), values), args.epochs
+        )
         values |= {
-            "train.epochs": args.epochs,
-            # the same share of warm-up in the shorter run (memory does not depend on it)
-            "train.warmup_epochs": train["warmup_epochs"] * args.epochs / train["epochs"],
             "tune.n_trials": args.trials,
             "tune.epochs": 1,
             "tune.train_fraction": 0.1,

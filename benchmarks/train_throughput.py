@@ -45,7 +45,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
     import keras
     import numpy as np
 
-    from pipeline.config import load_params, load_recipe, with_values
+    from pipeline.config import load_params, load_recipe, shorter_run, with_values
     from pipeline.dataset import load_split
     from pipeline.model import build_model
     from pipeline.training import (
@@ -59,9 +59,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
     params = load_params()
     if recipe:
         params = with_values(params, load_recipe(recipe))
-    values: dict[str, Any] = {"train.epochs": epochs, "train.batch_size": batch_size}
-    # The same share of warm-up in the shorter run (the schedule does not change the speed).
-    values["train.warmup_epochs"] = params.train.warmup_epochs * epochs / params.train.epochs
+    values: dict[str, Any] = {**shorter_run(params, epochs), "train.batch_size": batch_size}
     if side != "pipeline":
         values["train.precision"] = "float32"
     params = with_values(params, values)

@@ -342,17 +342,21 @@ def with_values(params: Params, values: Mapping[str, Any], source: str = "overri
     return params_from_dict(tree, source=source)
 
 
-def trial_values(params: Params, values: Mapping[str, Any]) -> dict[str, Any]:
-    """What a sweep trial changes in params: its suggested `values`, `tune.epochs` epochs and,
-    unless it is tuned, the warm-up scaled to keep its share of the shorter run (a schedule
-    written for the full run then fits a trial, and a trial's 2 of 10 epochs hand back as
-    10 of 50)."""
+def shorter_run(params: Params, epochs: int) -> dict[str, Any]:
+    """The values that train `epochs` epochs instead of train.epochs, with the warm-up scaled
+    to keep its share of the run (a schedule written for the full run then fits the shorter
+    one, and a sweep trial's 2 of 10 epochs hand back as 10 of 50)."""
     train = params.train
-    changes: dict[str, Any] = {
-        "train.epochs": params.tune.epochs,
-        "train.warmup_epochs": train.warmup_epochs * params.tune.epochs / train.epochs,
+    return {
+        "train.epochs": epochs,
+        "train.warmup_epochs": train.warmup_epochs * epochs / train.epochs,
     }
-    return {**changes, **values}
+
+
+def trial_values(params: Params, values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a sweep trial changes in params: a shorter run of `tune.epochs` epochs, then its
+    suggested `values` (a tuned warm-up is the trial's own)."""
+    return {**shorter_run(params, params.tune.epochs), **values}
 
 
 def load_recipe(name: str) -> dict[str, Any]:
