@@ -16,7 +16,8 @@ left out of the timings. Sides:
 
 Seed k sets the initial weights and the shuffling (model.init_seed = train.seed = k). Each
 (side, seed) runs in a fresh process and is kept in benchmarks/results/runs/, so an interrupted
-benchmark resumes where it stopped and a figure can grow by seeds without retraining.
+benchmark resumes where it stopped and a figure can grow by seeds without retraining; a kept run
+whose recipe has changed since is trained again.
 
     python benchmarks/accuracy.py --sides seed fast --seeds 3 --until-target --name time_to_accuracy
     python benchmarks/accuracy.py --sides seed keras_example best --seeds 3 --name best_accuracy
@@ -47,21 +48,29 @@ TARGET = 0.75  # the test accuracy whose time is measured
 # --- one run (in a child process) -----------------------------------------------------------------
 
 
+def run_values(side: str, seed: int, epochs: int | None) -> dict[str, Any]:
+    """The params.yaml values one (side, seed) run trains with: its recipe and the seed."""
+    from pipeline.config import load_recipe
+
+    # The baselines train the seed's own network: its dropout, x / 255 pixels, glorot init.
+    recipe = load_recipe("seed" if side in BASELINES else side)
+    values: dict[str, Any] = {**recipe, "model.init_seed": seed, "train.seed": seed}
+    if epochs is not None:
+        values["train.epochs"] = epochs
+    return values
+
+
 def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> dict[str, Any]:
     """Trains one side with one seed; returns its per-epoch record. With `until_target`, the
     run stops at the first epoch whose test accuracy reaches 75% (enough for a time to 75%)."""
     import keras
     import numpy as np
 
-    from pipeline.config import load_params, load_recipe, with_values
+    from pipeline.config import load_params, with_values
     from pipeline.dataset import load_split
 
     params = load_params()
-    # The baselines train the seed's own network: its dropout, x / 255 pixels, glorot init.
-    recipe = load_recipe("seed" if side in BASELINES else side)
-    values: dict[str, Any] = {**recipe, "model.init_seed": seed, "train.seed": seed}
-    if epochs is not None:
-        values["train.epochs"] = epochs
+    values = run_values(side, seed, epochs)
     params = with_values(params, values)
     train = load_split(params.paths.prepared, "train")
     validation = load_split(params.paths.prepared, "validation")
@@ -115,6 +124,11 @@ def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> d
         "epochs": records,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+
+
+def same_recipe(path: Path, values: dict[str, Any]) -> bool:
+    """Whether the run kept in `path` trained with `values` (a recipe edited since is rerun)."""
+    return bool(json.loads(path.read_text())["recipe"] == values)
 
 
 def train_baseline(side: str, params: Any, train: Any, scorer: Any) -> None:
@@ -253,6 +267,9 @@ def main() -> None:
             seeds = args.baseline_seeds
         for seed in range(1, seeds + 1):
             path = run_path(side, seed)
+            if path.is_file() and not same_recipe(path, run_values(side, seed, args.epochs)):
+                print(f"{path}: trained with another recipe; training it again", flush=True)
+                path.unlink()
             if not path.is_file():  # not run yet, or interrupted: (re)run it
                 command = [sys.executable, __file__, "--run", side, str(seed)]
                 if args.epochs is not None:
