@@ -345,7 +345,7 @@ def with_values(params: Params, values: Mapping[str, Any], source: str = "overri
 def shorter_run(params: Params, epochs: int) -> dict[str, Any]:
     """The values that train `epochs` epochs instead of train.epochs, with the warm-up scaled
     to keep its share of the run (a schedule written for the full run then fits the shorter
-    one, and a sweep trial's 2 of 10 epochs hand back as 10 of 50)."""
+    one, and a sweep trial's 2 of 10 epochs hand back as 14 of 70)."""
     train = params.train
     return {
         "train.epochs": epochs,
