@@ -126,11 +126,6 @@ def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> d
     }
 
 
-def same_recipe(path: Path, values: dict[str, Any]) -> bool:
-    """Whether the run kept in `path` trained with `values` (a recipe edited since is rerun)."""
-    return bool(json.loads(path.read_text())["recipe"] == values)
-
-
 def train_baseline(side: str, params: Any, train: Any, scorer: Any) -> None:
     """The reference recipes, written as their authors ran them: plain Keras on NumPy arrays."""
     import keras
@@ -267,17 +262,19 @@ def main() -> None:
             seeds = args.baseline_seeds
         for seed in range(1, seeds + 1):
             path = run_path(side, seed)
-            if path.is_file() and not same_recipe(path, run_values(side, seed, args.epochs)):
+            run = json.loads(path.read_text()) if path.is_file() else None
+            if run is not None and run["recipe"] != run_values(side, seed, args.epochs):
                 print(f"{path}: trained with another recipe; training it again", flush=True)
-                path.unlink()
-            if not path.is_file():  # not run yet, or interrupted: (re)run it
+                run = None
+            if run is None:  # not run yet, interrupted, or its recipe changed: (re)run it
                 command = [sys.executable, __file__, "--run", side, str(seed)]
                 if args.epochs is not None:
                     command += ["--epochs", str(args.epochs)]
                 if args.until_target:
                     command.append("--until-target")
                 subprocess.run(command, check=True)
-            runs.append(json.loads(path.read_text()))
+                run = json.loads(path.read_text())
+            runs.append(run)
         sides[side] = summarize(runs)
         print(side, json.dumps(sides[side]), flush=True)
 

@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -45,12 +43,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     args = parser.parse_args()
 
-    from pipeline.config import load_params, load_recipe, set_dotted, shorter_run, with_values
+    from pipeline.config import (
+        load_params,
+        load_recipe,
+        shorter_run,
+        update_params_file,
+        with_values,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         project = copy_project(Path(tmp) / "project")
         (project / "recipes").mkdir(exist_ok=True)
-        params = yaml.safe_load((project / "params.yaml").read_text())
         values = load_recipe(str(ROOT / "recipes" / f"{args.recipe}.yaml")) if args.recipe else {}
         values |= shorter_run(
             with_values(load_params(project / "params.yaml"), values), args.epochs
@@ -60,9 +63,7 @@ def main() -> None:
             "tune.epochs": 1,
             "tune.train_fraction": 0.1,
         }
-        for key, value in values.items():
-            set_dotted(params, key, value, "benchmark")
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        update_params_file(project / "params.yaml", values)
         env = run_env(
             CIFAR10_URL=str(args.archive.resolve()),
             MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
