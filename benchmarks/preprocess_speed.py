@@ -53,15 +53,12 @@ print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 PIPELINE = r"""
 import resource, sys, tempfile, time
 from pathlib import Path
-from pipeline.atomic import write_json
 from pipeline.config import PreprocessParams
-from pipeline.dataset import write_prepared
-from pipeline.preprocess import data_report, prepare
+from pipeline.preprocess import preprocess
 start = time.perf_counter()
 with tempfile.TemporaryDirectory() as tmp:
-    data = prepare(Path(sys.argv[1]), PreprocessParams(validation_size=5000, seed=42))
-    write_prepared(data, Path(tmp) / "prepared")
-    write_json(data_report(data), Path(tmp) / "data.json")
+    params = PreprocessParams(validation_size=5000, seed=42)
+    preprocess(Path(sys.argv[1]), params, Path(tmp) / "prepared", Path(tmp) / "data.json")
     seconds = time.perf_counter() - start
 print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """

@@ -6,12 +6,14 @@ import io
 import os
 import pickle
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.cifar import UnsafeArchiveError, load_cifar10
+import pipeline.cifar as cifar_module
+from pipeline.cifar import UnsafeArchiveError, iter_members, load_cifar10
 from tests.conftest import CLASS_NAMES, TinyCifar, py2_pickle, write_python_archive
 
 
@@ -28,7 +30,8 @@ def test_python_and_binary_layouts_give_identical_arrays(
         np.testing.assert_array_equal(train, expected_train)
         np.testing.assert_array_equal(cifar.train_labels, tiny.train_labels)
         expected_test = TinyCifar.planes_to_images(tiny.test_batch[0])
-        np.testing.assert_array_equal(cifar.test_images(), expected_test)
+        assert cifar.test_images.flags.c_contiguous
+        np.testing.assert_array_equal(cifar.test_images, expected_test)
         np.testing.assert_array_equal(cifar.test_labels, tiny.test_batch[1])
         assert cifar.class_names == tuple(CLASS_NAMES)
     # A subset spanning several batches picks the same images as indexing the whole set.
@@ -157,3 +160,56 @@ def test_missing_batches_are_named(tmp_path: Path, tiny: TinyCifar) -> None:
     archive = write_python_archive(tmp_path / "short.tar.gz", tiny_without)
     with pytest.raises(UnsafeArchiveError, match="lacks data_batch_4, data_batch_5"):
         load_cifar10(archive)
+
+
+def test_each_decoded_batch_is_handed_to_on_batch_in_archive_order(
+    tiny: TinyCifar, python_archive: Path
+) -> None:
+    seen: list[tuple[str, int, np.ndarray]] = []
+    cifar = load_cifar10(
+        python_archive, on_batch=lambda b: seen.append((b.split, b.number, b.images))
+    )
+    assert [(split, number) for split, number, _ in seen] == [
+        ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("train", 5), ("test", 0)
+    ]  # fmt: skip
+    for (_, _, images), expected in zip(
+        seen, [*cifar.train_batches, cifar.test_images], strict=True
+    ):
+        assert images is expected and images.shape[1:] == (32, 32, 3)
+    assert not _inflate_threads()
+
+
+def _inflate_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "inflate"]
+
+
+def test_a_failed_read_leaves_no_inflate_thread_behind(tmp_path: Path, tiny: TinyCifar) -> None:
+    bad = py2_pickle({b"data": np.zeros((10, 1024), dtype=np.uint8), b"labels": [0] * 10})
+    archive = write_python_archive(
+        tmp_path / "bad.tar.gz", tiny, {"cifar-10-batches-py/data_batch_1": bad}
+    )
+    with pytest.raises(UnsafeArchiveError, match="data_batch_1: images have"):
+        load_cifar10(archive)
+    assert not _inflate_threads()
+
+
+def test_an_archive_that_inflates_beyond_the_bound_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cifar_module, "MAX_TAR_BYTES", 3 * cifar_module.CHUNK)
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:  # zeros: 4 MB that gzip makes a few kB
+        for i in range(4):
+            member = tarfile.TarInfo(f"cifar-10-batches-py/padding_{i}")
+            member.size = 2**20
+            archive.addfile(member, io.BytesIO(bytes(member.size)))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(UnsafeArchiveError, match=r"inflates to more than 3,145,728 bytes"):
+        load_cifar10(path)
+
+
+def test_a_reader_that_stops_early_stops_the_inflate(python_archive: Path) -> None:
+    members = iter_members(python_archive)
+    assert next(members)[0] == "cifar-10-batches-py/batches.meta"
+    members.close()
+    assert not _inflate_threads()

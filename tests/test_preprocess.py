@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import params_from_dict
 from pipeline.dataset import load_class_names, load_split, stratified_split
 from pipeline.errors import PipelineError
-from pipeline.preprocess import channel_stats
+from pipeline.preprocess import PixelSums, channel_stats
 from tests.conftest import TinyCifar, run, sha256_of, shrink, write_params
 
 
@@ -110,3 +110,13 @@ def test_a_bad_archive_leaves_no_prepared_data(
     assert result.returncode == 1
     assert "truncated or corrupt" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / params["paths"]["prepared"]).exists()
+
+
+def test_pixel_sums_of_parts_add_and_subtract_exactly() -> None:
+    images = np.random.default_rng(2).integers(0, 256, size=(700, 32, 32, 3), dtype=np.uint8)
+    whole = PixelSums.of(images)  # 700 images: more than one chunk of SUMS_CHUNK
+    first, rest = PixelSums.of(images[:123]), PixelSums.of(images[123:])
+    assert first + rest == whole
+    assert whole - first == rest
+    assert whole.count == 700 * 32 * 32
+    assert whole.total == tuple(int(n) for n in images.reshape(-1, 3).sum(axis=0))
