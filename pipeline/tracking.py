@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import keras
@@ -49,6 +50,7 @@ DVC_EXPERIMENT_WORKSPACES = (".dvc", "tmp", "exps")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -57,15 +59,26 @@ def signals_held() -> Iterator[None]:
 
     An interrupt inside an MLflow write would leave its SQLite transaction open and the store
     locked, so the run could not even be marked KILLED. Writes are short; the signal waits.
+    Blocking the signal with a thread mask is not enough: the kernel may deliver it to any
+    thread that does not block it (TensorFlow's), and Python then runs the handler in the main
+    thread all the same. So the handlers themselves are swapped for one that only remembers.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[int] = []
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    previous = {signum: signal.signal(signum, remember) for signum in HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])  # now its own handler runs: KeyboardInterrupt
 
 
 def uninterrupted(function: F) -> F:

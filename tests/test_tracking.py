@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,3 +84,23 @@ def test_evaluation_figures_from_probabilities() -> None:
     assert report["macro_recall"] == pytest.approx((0.5 + 1 + 0.5) / 3, abs=1e-6)
     flat = flat_metrics(report)
     assert flat["f1_b"] == 0.8 and flat["test_accuracy"] == pytest.approx(0.666667)
+
+
+def test_a_signal_during_an_mlflow_write_waits_for_the_write_to_end(
+    request: pytest.FixtureRequest,
+) -> None:
+    # The signal is sent from another thread, as the kernel may deliver it to any thread that
+    # does not block it (TensorFlow's do not); Python still runs its handler in the main thread.
+    done: list[str] = []
+    # Ctrl-C's own handler, whatever an earlier test or library left in its place.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.signals_held():
+            sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            sender.start()
+            sender.join()
+            time.sleep(0.05)  # the handler would run here, in the middle of the write
+            done.append("write")
+        done.append("after")  # never reached: the interrupt comes as the block ends
+    assert done == ["write"]
