@@ -7,6 +7,8 @@ test batch passes through untouched. Pixels stay uint8: scaling belongs to the m
 from __future__ import annotations
 
 import logging
+import operator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +59,16 @@ class PixelSums:
         )
 
     def __add__(self, other: PixelSums) -> PixelSums:
-        return PixelSums(
-            self.count + other.count,
-            tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
-            tuple(a + b for a, b in zip(self.squares, other.squares, strict=True)),
-        )
+        return self._combine(other, operator.add)
 
     def __sub__(self, other: PixelSums) -> PixelSums:
+        return self._combine(other, operator.sub)
+
+    def _combine(self, other: PixelSums, op: Callable[[int, int], int]) -> PixelSums:
         return PixelSums(
-            self.count - other.count,
-            tuple(a - b for a, b in zip(self.total, other.total, strict=True)),
-            tuple(a - b for a, b in zip(self.squares, other.squares, strict=True)),
+            op(self.count, other.count),
+            tuple(map(op, self.total, other.total)),
+            tuple(map(op, self.squares, other.squares)),
         )
 
     def mean_std(self) -> tuple[list[float], list[float]]:
@@ -80,11 +81,6 @@ class PixelSums:
             for total, squares in zip(self.total, self.squares, strict=True)
         ]
         return [round(m, 6) for m in means], [round(v**0.5, 6) for v in variances]
-
-
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]."""
-    return PixelSums.of(images).mean_std()
 
 
 def preprocess(

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import params_from_dict
 from pipeline.dataset import load_class_names, load_split, stratified_split
 from pipeline.errors import PipelineError
-from pipeline.preprocess import PixelSums, channel_stats
+from pipeline.preprocess import PixelSums
 from tests.conftest import TinyCifar, run, sha256_of, shrink, write_params
 
 
@@ -41,7 +41,7 @@ def test_a_validation_split_larger_than_the_archive_is_refused() -> None:
 
 def test_channel_stats_match_numpy() -> None:
     images = np.random.default_rng(1).integers(0, 256, size=(20, 32, 32, 3), dtype=np.uint8)
-    mean, std = channel_stats(images)
+    mean, std = PixelSums.of(images).mean_std()
     scaled = images / 255.0
     np.testing.assert_allclose(mean, scaled.mean(axis=(0, 1, 2)), atol=1e-6)
     np.testing.assert_allclose(std, scaled.std(axis=(0, 1, 2)), atol=1e-6)
