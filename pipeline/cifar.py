@@ -1,9 +1,9 @@
 """Reads a CIFAR-10 archive (python or binary version) into arrays, without trusting it.
 
-Nothing is extracted to disk. A background thread inflates the tar.gz into one buffer in memory
-(ISA-L drops the GIL while it inflates), and members are read from that buffer as soon as their
-bytes are there: each one is checked (a safe relative path, a regular file, a bounded size) and
-decoded while the next is still inflating, so the decoding overlaps the inflate on a second core.
+Nothing is extracted to disk. Background threads inflate the tar.gz into memory, one piece of
+it per core (pipeline.gunzip), and members are read as soon as their bytes are there: each one
+is checked (a safe relative path, a regular file, a bounded size) and decoded while later ones
+are still inflating, and each batch's transpose to channels-last runs on a thread of its own.
 The python version's batches are pickles, so they are read with an unpickler that admits
 NumPy's array reconstruction and nothing else: a hostile archive raises UnsafeArchiveError and
 runs no code.
@@ -17,21 +17,17 @@ import os
 import pickle
 import re
 import tarfile
-import threading
-import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-from isal import igzip, isal_zlib  # ISA-L: inflates CIFAR-10 in 0.53 s, zlib in 0.9 s
 
 from pipeline.errors import PipelineError
+from pipeline.gunzip import GzipError, Inflater, LimitExceeded, cores
 
-_IsalError = cast(
-    "type[Exception]", isal_zlib.error
-)  # a corrupt deflate stream, as ISA-L reports it
 PYTHON_DIR = "cifar-10-batches-py"
 BINARY_DIR = "cifar-10-batches-bin"
 TRAIN_BATCHES = 5
@@ -40,10 +36,9 @@ PIXELS = 32 * 32 * 3  # one image, channel planes R|G|B of 32x32 each
 NUM_CLASSES = 10
 MAX_MEMBER_BYTES = 64 * 2**20  # a real batch is 31 MB; anything much larger is not CIFAR-10
 MAX_MEMBERS = 100  # the real archives hold 8 or 9 entries
-# Either version inflates to 186 MB. The buffer is reserved at this size, but only the pages the
-# archive fills become memory.
+# Either version inflates to 186 MB. Each piece's buffer is reserved at this size, but only the
+# pages the archive fills become memory.
 MAX_TAR_BYTES = 8 * MAX_MEMBER_BYTES
-CHUNK = 1 << 20
 
 # md5 of each member of the official python version (the tarball itself may be repacked).
 PYTHON_MEMBER_MD5 = {
@@ -67,7 +62,7 @@ class Batch:
 
     split: str
     number: int
-    images: np.ndarray  # uint8 (N, 32, 32, 3), channels-last, as TensorFlow's CPU kernels want
+    planes: np.ndarray  # uint8 (N, 3072): R|G|B planes of 32x32, as stored (a view, not a copy)
     labels: np.ndarray  # uint8 (N,)
 
 
@@ -81,85 +76,14 @@ class Cifar10:
     test_labels: np.ndarray
     class_names: tuple[str, ...]
 
-    def train_images(self, indices: np.ndarray) -> np.ndarray:
-        """The training images at `indices` (ascending), as a C-ordered (k, 32, 32, 3) array."""
-        if np.any(np.diff(indices) <= 0):
-            raise ValueError("indices must be strictly ascending")
-        out = np.empty((len(indices), *IMAGE_SHAPE), dtype=np.uint8)
-        start = 0  # first training image of the current batch
-        for images in self.train_batches:
-            lo, hi = np.searchsorted(indices, [start, start + len(images)])
-            np.take(images, indices[lo:hi] - start, axis=0, out=out[lo:hi])  # whole rows
-            start += len(images)
-        return out
-
 
 # --- the tar stream ---------------------------------------------------------------------------
 
 
-class _Inflater:
-    """The archive's tar bytes, inflated into one buffer by a background thread.
-
-    `wait(end)` blocks until the first `end` bytes are there (or the stream has ended), so a
-    reader works on one member while the thread inflates the next. The stream's own error, if
-    it has one, is kept in `error` for the reader to report.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # np.empty does not touch the pages: only what the archive fills becomes memory.
-        self.buffer = np.empty(MAX_TAR_BYTES, dtype=np.uint8)
-        self.size = 0  # bytes inflated so far
-        self.done = False
-        self.error: Exception | None = None
-        self._stop = False
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._inflate, name="inflate", daemon=True)
-        self._thread.start()
-
-    def _inflate(self) -> None:
-        try:
-            with _open_stream(self.path) as stream:
-                while not self._stop:
-                    if self.size == MAX_TAR_BYTES:
-                        if stream.read(1):
-                            raise UnsafeArchiveError(
-                                f"{self.path}: inflates to more than {MAX_TAR_BYTES:,} bytes; "
-                                "CIFAR-10 inflates to 186 MB"
-                            )
-                        break
-                    read = stream.readinto(self.buffer[self.size : self.size + CHUNK].data)
-                    if not read:
-                        break
-                    with self._changed:
-                        self.size += read
-                        self._changed.notify_all()
-        except Exception as error:  # handed to the reader, who reports it with the archive's name
-            self.error = error
-        finally:
-            with self._changed:
-                self.done = True
-                self._changed.notify_all()
-
-    def wait(self, end: int) -> int:
-        """How many bytes are there once `end` are, or once the stream has ended short of it."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.size >= end or self.done)
-            return self.size
-
-    def finish(self) -> None:
-        """Waits for the whole stream (gzip checks its CRC and length at the end)."""
-        self.wait(MAX_TAR_BYTES + 1)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join()
-
-
 class _InflatedFile(io.RawIOBase):
-    """A seekable file over the inflater's buffer whose reads wait for the bytes they need."""
+    """A seekable file over the inflater's output whose reads wait for the bytes they need."""
 
-    def __init__(self, inflater: _Inflater) -> None:
+    def __init__(self, inflater: Inflater) -> None:
         self.inflater = inflater
         self.position = 0
 
@@ -170,10 +94,7 @@ class _InflatedFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        start = self.position
-        available = self.inflater.wait(start + len(buffer))
-        count = max(0, min(len(buffer), available - start))
-        memoryview(buffer).cast("B")[:count] = self.inflater.buffer[start : start + count].data
+        count = self.inflater.read_into(self.position, memoryview(buffer).cast("B"))
         self.position += count
         return count
 
@@ -197,22 +118,25 @@ def iter_members(path: Path) -> Iterator[tuple[str, memoryview]]:
     """
     if not path.is_file():
         raise UnsafeArchiveError(f"{path}: no such file")
-    inflater = _Inflater(path)
+    inflater = Inflater(path, MAX_TAR_BYTES)
     failure: Exception | None = None
     try:
         try:
             yield from _checked_members(path, inflater)
         except (tarfile.TarError, EOFError, UnsafeArchiveError) as error:
             failure = error
-        inflater.finish()  # (not when the caller stops early: then the thread just stops)
+        inflater.finish()  # (not when the caller stops early: then the threads just stop)
     finally:
         inflater.close()
     # The stream's own error (truncated, corrupt) comes first: a member or tar header that makes
     # no sense is often its symptom.
     stream_error = inflater.error
-    if isinstance(stream_error, UnsafeArchiveError):
-        raise stream_error
-    if isinstance(stream_error, (zlib.error, EOFError, OSError, _IsalError)):
+    if isinstance(stream_error, LimitExceeded):
+        raise UnsafeArchiveError(
+            f"{path}: inflates to more than {stream_error.limit:,} bytes; "
+            "CIFAR-10 inflates to 186 MB"
+        )
+    if isinstance(stream_error, (GzipError, EOFError, OSError)):
         raise _unreadable(path, stream_error) from None
     if stream_error is not None:
         raise stream_error
@@ -222,7 +146,7 @@ def iter_members(path: Path) -> Iterator[tuple[str, memoryview]]:
         raise _unreadable(path, failure) from None
 
 
-def _checked_members(path: Path, inflater: _Inflater) -> Iterator[tuple[str, memoryview]]:
+def _checked_members(path: Path, inflater: Inflater) -> Iterator[tuple[str, memoryview]]:
     with tarfile.open(fileobj=_InflatedFile(inflater), mode="r:") as archive:
         for count, member in enumerate(archive, start=1):
             if count > MAX_MEMBERS:
@@ -243,7 +167,7 @@ def _checked_members(path: Path, inflater: _Inflater) -> Iterator[tuple[str, mem
             end = member.offset_data + member.size
             if inflater.wait(end) < end:
                 raise EOFError(f"member {member.name!r} ends after the archive does")
-            yield name, inflater.buffer[member.offset_data : end].data
+            yield name, inflater.view(member.offset_data, end)
 
 
 def _unreadable(path: Path, error: Exception) -> UnsafeArchiveError:
@@ -251,15 +175,6 @@ def _unreadable(path: Path, error: Exception) -> UnsafeArchiveError:
         f"{path}: not a readable tar.gz archive ({type(error).__name__}: {error}); "
         "the file is truncated or corrupt: download it again"
     )
-
-
-def _open_stream(path: Path) -> io.BufferedIOBase:
-    """The archive's tar bytes: gunzipped when it starts with gzip's magic number."""
-    with path.open("rb") as file:
-        magic = file.read(2)
-    if magic == b"\x1f\x8b":
-        return igzip.open(path, "rb")
-    return path.open("rb")
 
 
 def _safe_name(path: Path, name: str) -> str:
@@ -295,43 +210,49 @@ def load_cifar10(path: Path, on_batch: Callable[[Batch], None] | None = None) ->
     """Decodes either version of the archive; the layout is recognised from its members.
 
     `on_batch` sees each batch as soon as it is decoded, while the later members are still
-    inflating: work done there overlaps the inflate. A batch that a later member of the same
-    name replaces is seen twice; the last one counts.
+    inflating: work done there overlaps the inflate. Its planes are a view of the inflated
+    archive. A batch that a later member of the same name replaces is seen twice; the last one
+    counts.
     """
     train: dict[int, Batch] = {}
     test: Batch | None = None
+    images: dict[tuple[str, int], Future[np.ndarray]] = {}  # channels-last, by (split, number)
     class_names: tuple[str, ...] | None = None
     layouts: set[str] = set()
     members = iter_members(path)
-    for name, data in members:
-        parts = name.split("/")
-        if len(parts) != 2 or parts[0] not in (PYTHON_DIR, BINARY_DIR):
-            continue  # readme.html and the like
-        folder, file = parts
-        decoder = _PYTHON_FILES if folder == PYTHON_DIR else _BINARY_FILES
-        match = _match_file(decoder, file)
-        if match is None:
-            continue
-        layouts.add(folder)
-        kind, index = match
-        where = f"{path}:{name}"
-        try:
-            if kind == "meta":
-                class_names = _decode_meta(folder, data, where)
+    # The transposes to channels-last run on threads (NumPy drops the GIL while it copies), each
+    # batch's while the next one inflates and decodes.
+    with ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="transpose") as transposer:
+        for name, data in members:
+            parts = name.split("/")
+            if len(parts) != 2 or parts[0] not in (PYTHON_DIR, BINARY_DIR):
+                continue  # readme.html and the like
+            folder, file = parts
+            decoder = _PYTHON_FILES if folder == PYTHON_DIR else _BINARY_FILES
+            match = _match_file(decoder, file)
+            if match is None:
                 continue
-            planes, labels = _decode_batch(folder, data, where)
-        except UnsafeArchiveError:
-            # Garbled bytes may be the symptom of a corrupt stream: say so if that is the cause.
-            for _ in members:
-                pass
-            raise
-        batch = Batch(kind, index, _channels_last(planes), labels)
-        if kind == "test":
-            test = batch
-        else:
-            train[index] = batch
-        if on_batch is not None:
-            on_batch(batch)
+            layouts.add(folder)
+            kind, index = match
+            where = f"{path}:{name}"
+            try:
+                if kind == "meta":
+                    class_names = _decode_meta(folder, data, where)
+                    continue
+                planes, labels = _decode_batch(folder, data, where)
+            except UnsafeArchiveError:
+                # Garbled bytes may be the symptom of a corrupt stream: say so if that is it.
+                for _ in members:
+                    pass
+                raise
+            batch = Batch(kind, index, planes, labels)
+            if kind == "test":
+                test = batch
+            else:
+                train[index] = batch
+            images[kind, index] = transposer.submit(_channels_last, planes)
+            if on_batch is not None:
+                on_batch(batch)
     if len(layouts) > 1:
         raise UnsafeArchiveError(f"{path}: holds both {PYTHON_DIR}/ and {BINARY_DIR}/; use one")
     if not layouts:
@@ -354,17 +275,25 @@ def load_cifar10(path: Path, on_batch: Callable[[Batch], None] | None = None) ->
             )
     ordered = [train[i] for i in range(1, TRAIN_BATCHES + 1)]
     return Cifar10(
-        train_batches=tuple(batch.images for batch in ordered),
+        train_batches=tuple(images["train", i].result() for i in range(1, TRAIN_BATCHES + 1)),
         train_labels=np.concatenate([batch.labels for batch in ordered]),
-        test_images=test.images,
+        test_images=images["test", 0].result(),
         test_labels=test.labels,
         class_names=class_names,
     )
 
 
 def _channels_last(planes: np.ndarray) -> np.ndarray:
-    """(N, 3072) planes R|G|B of 32x32 as a C-ordered (N, 32, 32, 3) array (one copy)."""
-    return np.ascontiguousarray(planes.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    """(N, 3072) planes R|G|B of 32x32 as a C-ordered (N, 32, 32, 3) array (one copy).
+
+    One channel at a time: each copy then reads one plane in order and writes every third
+    byte, 3x faster than NumPy's transposing copy of all three at once.
+    """
+    images = np.empty((len(planes), *IMAGE_SHAPE), dtype=np.uint8)
+    channels = planes.reshape(-1, 3, 32 * 32)
+    for channel in range(3):
+        images.reshape(-1, 32 * 32, 3)[:, :, channel] = channels[:, channel]
+    return images
 
 
 _PYTHON_FILES = {r"data_batch_([1-5])": "train", r"test_batch": "test", r"batches\.meta": "meta"}
@@ -400,8 +329,8 @@ def _decode_binary_batch(data: memoryview, where: str) -> tuple[np.ndarray, np.n
 
 
 def _decode_python_batch(data: memoryview, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3072) uint8 channel planes and (N,) uint8 labels."""
-    batch = _restricted_unpickle(data, where)
+    """(N, 3072) uint8 channel planes (a view of `data`, if it can be) and (N,) uint8 labels."""
+    batch = _unpickle_batch(data, where)
     if not isinstance(batch, dict):
         raise UnsafeArchiveError(f"{where}: expected a dict, found {type(batch).__name__}")
     for key in (b"data", b"labels"):
@@ -458,12 +387,19 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Admits only what a CIFAR batch holds: dicts, lists, strings, numbers and uint8 arrays."""
+    """Admits only what a CIFAR batch holds: dicts, lists, strings, numbers and uint8 arrays.
 
-    def __init__(self, file: _ViewReader, where: str) -> None:
+    With `deferred`, arrays are not built: each comes back as a _DeferredArray that records the
+    shape, dtype and bytes that the pickle gives it.
+    """
+
+    def __init__(self, file: _ViewReader, where: str, deferred: bool = False) -> None:
         super().__init__(file, encoding="bytes")  # the batches were written by Python 2
         self.where = where
         self.allowed = _allowed_globals()
+        if deferred:
+            for name in ("numpy.core.multiarray", "numpy._core.multiarray"):
+                self.allowed[name, "_reconstruct"] = _DeferredArray.reconstruct
 
     def find_class(self, module: str, name: str) -> Any:
         found = self.allowed.get((module, name))
@@ -478,13 +414,97 @@ class _BatchUnpickler(pickle.Unpickler):
         raise UnsafeArchiveError(f"{self.where}: the pickle uses persistent ids; refusing it")
 
 
+class _DeferredArray:
+    """Stands in for an array whose bytes were cut out of the pickle (see _unpickle_batch)."""
+
+    def __init__(self) -> None:
+        self.state: tuple[Any, ...] = ()
+
+    @classmethod
+    def reconstruct(cls, subtype: Any, shape: Any, typecode: Any) -> _DeferredArray:
+        if subtype is not np.ndarray:
+            raise UnsafeArchiveError(f"an array of type {subtype!r}; only plain arrays are allowed")
+        return cls()
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = tuple(state) if isinstance(state, tuple) else ()
+
+    def stands_for(self, token: bytes, length: int) -> tuple[int, int] | None:
+        """The array's (rows, columns) if the pickle gave it `token` as `length` uint8 bytes."""
+        if len(self.state) != 5:  # (version, shape, dtype, Fortran order, bytes)
+            return None
+        _, shape, dtype, fortran, raw = self.state
+        if raw != token or fortran is not False or not isinstance(dtype, np.dtype):
+            return None
+        if dtype != np.uint8 or not isinstance(shape, tuple) or len(shape) != 2:
+            return None
+        rows, columns = shape
+        if not (isinstance(rows, int) and isinstance(columns, int) and rows * columns == length):
+            return None
+        return rows, columns
+
+
+PIXEL_SEARCH = 1 << 20  # the pixel string starts after the labels: 20 kB into an official batch
+
+
+def _unpickle_batch(data: memoryview, where: str) -> Any:
+    """The batch, its pixel array a view of `data` when the pickle has the usual layout.
+
+    A batch pickle is nearly all one string, the pixels' 30 MB, which unpickling would copy
+    twice (35 ms of the GIL per batch). So that string is cut out and replaced by a random
+    16-byte token, and the rest (labels and file names, 300 kB) goes through the same
+    restricted unpickler, whose arrays only record what they are given. If the pixel array was
+    given the token, its bytes are the cut-out string, taken as a view. Anything else (no such
+    string, another layout, a malformed or hostile pickle) unpickles the whole member the usual
+    way, which gives the same result or the error to report.
+    """
+    found = _pixel_string(data)
+    if found is not None:
+        head, length = found
+        token = os.urandom(16)
+        rest = b"".join(
+            [data[:head], b"T", len(token).to_bytes(4, "little"), token, data[head + 5 + length :]]
+        )
+        try:
+            batch = _BatchUnpickler(_ViewReader(memoryview(rest)), where, deferred=True).load()
+        except Exception:  # not what it seemed: the whole member is read below, errors and all
+            batch = None
+        pixels = batch.get(b"data") if isinstance(batch, dict) else None
+        shape = pixels.stands_for(token, length) if isinstance(pixels, _DeferredArray) else None
+        if batch is not None and shape is not None:
+            batch[b"data"] = np.frombuffer(data, np.uint8, length, head + 5).reshape(shape)
+            return batch
+    return _restricted_unpickle(data, where)
+
+
+def _pixel_string(data: memoryview) -> tuple[int, int] | None:
+    """(offset of its opcode, length) of the first string in the pickle's first MiB that could
+    hold a batch's pixels: a BINSTRING or BINBYTES of whole images, over half the member."""
+    window = np.frombuffer(data[: PIXEL_SEARCH + 5], np.uint8)
+    heads = np.flatnonzero((window[:-4] == ord(pickle.BINSTRING)) | (window[:-4] == ord("B")))
+    lengths = np.zeros(len(heads), dtype=np.int64)
+    for byte in range(4):  # little-endian 4-byte length after the opcode
+        lengths |= window[heads + 1 + byte].astype(np.int64) << (8 * byte)
+    fits = (lengths > len(data) // 2) & (heads + 5 + lengths <= len(data)) & (lengths % PIXELS == 0)
+    if not fits.any():
+        return None
+    first = int(np.argmax(fits))
+    return int(heads[first]), int(lengths[first])
+
+
 class _ViewReader:
     """A file over a memoryview, for the unpickler: io.BytesIO would first copy the whole
-    member, holding the GIL that the inflate thread needs."""
+    member. `peek` lets the C unpickler read ahead in blocks instead of calling `read` for each
+    of a batch's 40,000 opcodes (10 ms a batch instead of 55)."""
+
+    PEEK = 1 << 16
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
         self.position = 0
+
+    def peek(self, size: int = 0) -> bytes:
+        return self.view[self.position : self.position + max(size, self.PEEK)].tobytes()
 
     def read(self, size: int = -1) -> bytes:
         end = len(self.view) if size < 0 else min(len(self.view), self.position + size)

@@ -1,5 +1,7 @@
 """The prepared splits on disk (paths.prepared): written by preprocess, read by train and evaluate.
 
+(The writing is preprocess's own code, so that a change to it does not make DVC retrain.)
+
 One folder per split, `<prepared>/<split>/images.npy` and `labels.npy`, plus `classes.json`.
 Each split is its own DVC output, so it has its own DVC hash (MLflow's dataset digest) and a
 stage can depend on train and validation without touching test. Plain .npy files load at disk
@@ -10,14 +12,11 @@ sees no change when nothing changed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import write_json
 from pipeline.errors import PipelineError
 
 SPLITS = ("train", "validation", "test")
@@ -31,17 +30,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    train: Split
-    validation: Split
-    test: Split
-    class_names: tuple[str, ...]
-
-    def split(self, name: str) -> Split:
-        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
 
 def stratified_split(
@@ -79,25 +67,6 @@ def split_dir(prepared_dir: Path, name: str) -> Path:
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
     return prepared_dir / name
-
-
-def write_prepared(data: PreparedData, prepared_dir: Path) -> None:
-    """Writes each split to a temporary folder beside its place, then swaps it in."""
-    prepared_dir.mkdir(parents=True, exist_ok=True)
-    for name in SPLITS:
-        split, final = data.split(name), split_dir(prepared_dir, name)
-        staging = prepared_dir / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            np.save(staging / "images.npy", split.images, allow_pickle=False)
-            np.save(staging / "labels.npy", split.labels, allow_pickle=False)
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    write_json(list(data.class_names), prepared_dir / CLASSES_FILE)
 
 
 def split_files(prepared_dir: Path, name: str) -> list[Path]:

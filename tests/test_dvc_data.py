@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,15 @@ import pytest
 import yaml
 
 from pipeline.dataset import load_split
-from tests.conftest import ArchiveServer, copy_project, run, sha256_of, shrink, write_params
+from tests.conftest import (
+    ROOT,
+    ArchiveServer,
+    copy_project,
+    run,
+    sha256_of,
+    shrink,
+    write_params,
+)
 
 
 @pytest.mark.slow
@@ -50,3 +59,33 @@ def test_dvc_repro_runs_download_and_preprocess_then_nothing(
     assert (
         np.bincount(load_split(project / "data/prepared", "validation").labels).tolist() == [5] * 10
     )
+
+
+def _pipeline_imports(module: str) -> set[str]:
+    """The pipeline modules that pipeline/<module>.py imports, anywhere in it."""
+    tree = ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            found.add(node.module.split(".")[1])  # type: ignore[union-attr]
+        elif isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
+    return found
+
+
+@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "sweep/dvc.yaml"])
+def test_each_stage_depends_on_exactly_the_modules_it_imports(dvc_file: str) -> None:
+    # A module missing from a stage's deps would let DVC skip the stage after that module
+    # changed; one too many would rerun it (a retrain) for nothing.
+    for name, stage in yaml.safe_load((ROOT / dvc_file).read_text())["stages"].items():
+        entry = stage["cmd"].split("python -m pipeline.")[1].split()[0]
+        imported, todo = set(), [entry]
+        while todo:
+            module = todo.pop()
+            if module not in imported:
+                imported.add(module)
+                todo += _pipeline_imports(module)
+        listed = {dep for dep in stage["deps"] if dep.startswith("pipeline/")}
+        assert listed == {f"pipeline/{module}.py" for module in imported}, name
