@@ -3,7 +3,8 @@
 A deflate stream cannot simply be cut in pieces: each block starts at the bit where the one before
 it ends, and a match may copy any of the 32 KiB inflated before it. So the compressed bytes are
 split into one piece per core, and each piece after the first starts at a block header found by
-its bit pattern near the piece's nominal start. It inflates against a window of zeros in place
+its bit pattern near the piece's nominal start (one that begins on a byte boundary, as about one
+block in eight does, so that ISA-L can start there). It inflates against a window of zeros in place
 of the 32 KiB it cannot know yet. When the piece before it reaches that header, it inflates on
 with the true window and compares: once both agree on 32 KiB in a row, every later byte of the
 next piece is exact too (from there on, its matches copy only bytes that both agree on), and the
@@ -11,7 +12,7 @@ bytes before that point come from the piece before. A piece that does not agree 
 header was a coincidence, or its data leans on the window for too long) is dropped, and the
 piece before it inflates its range itself. The whole output is then checked against gzip's
 CRC-32 and length, as a sequential gunzip would. On CIFAR-10 the bytes that depend on the unknown
-window end 64 KB into a piece.
+window end 64 kB into a piece, and the pieces join about 140 kB after it starts.
 
 ISA-L drops the GIL while it inflates, so the pieces run on separate cores. The output can be
 read while it inflates: `wait`, `view` and `read_into` block until the bytes they need are
@@ -48,8 +49,6 @@ VERIFY_SPAN = 8 << 20  # how far two pieces are compared before the later one is
 TRIAL_OUT = 1 << 16  # a found header must inflate this much to be taken as a block
 SEARCH_STEP = 1 << 16  # compressed bytes whose headers are tested at once
 ZEROS = bytes(WINDOW)
-# The order in which a dynamic block lists its code-length code lengths (RFC 1951, 3.2.7).
-_CODE_LENGTH_ORDER = (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15)
 
 _IsalError = cast("type[Exception]", isal_zlib.error)  # its stub calls it an instance
 
@@ -67,7 +66,7 @@ class LimitExceeded(Exception):
 
 
 class _Stopped(Exception):
-    """The reader closed the inflater: workers end without reporting anything."""
+    """The reader closed the inflater, or the piece was dropped: its worker ends quietly."""
 
 
 def cores() -> int:
@@ -290,11 +289,11 @@ class Inflater:
             if position != later.start:  # an earlier comparison inflated past it
                 self._drop(later)
                 continue
-            joined, position = self._join(piece, decoder, later, position)
-            if joined:
+            outcome, position = self._join(piece, decoder, later, position)
+            if outcome == "joined":
                 return None
-            if position < 0:  # the stream ended while the two were compared
-                return self._end_stream(piece, index, -position)
+            if outcome == "ended":  # the stream ended while the two were compared
+                return self._end_stream(piece, index, position)
         while True:  # the last piece: on to the end of the deflate stream
             end = min(position + IN_CHUNK, len(self._data))
             if end == position:
@@ -306,11 +305,12 @@ class Inflater:
 
     def _join(
         self, piece: _Piece, decoder: isal_zlib.Decompress, later: _Piece, position: int
-    ) -> tuple[bool, int]:
+    ) -> tuple[str, int]:
         """Inflates on into `later`'s range until both agree on a window of bytes in a row.
 
-        Returns (joined, the next compressed byte); the byte is negated when the stream ended.
-        On no agreement within VERIFY_SPAN, `later` is dropped and this piece goes on.
+        Returns ("joined", -) once they agree; ("dropped", the next compressed byte) when they
+        do not within VERIFY_SPAN, and this piece goes on alone; ("ended", the end of the
+        deflate stream) when the stream ends first.
         """
         base = piece.size  # this piece's output at `later`'s first block
         agree_from = 0  # both agree on [agree_from, checked)
@@ -332,17 +332,17 @@ class Inflater:
                     later.skip, piece.next = produced, later
                 self._update()
                 log.debug("joined a piece after %d bytes", produced)
-                return True, position
+                return "joined", position
             if produced >= VERIFY_SPAN or (later.finished and later.size <= produced):
                 self._drop(later)
-                return False, position
+                return "dropped", position
             end = min(position + JOIN_STEP, len(self._data))
             if end == position:
                 raise GzipError("the file ends before the deflate stream does (truncated)")
             stream_end = self._feed(piece, decoder, position, end)
             if stream_end is not None:
                 self._drop(later)
-                return False, -stream_end
+                return "ended", stream_end
             position = end
 
     def _drop(self, later: _Piece) -> None:
