@@ -118,7 +118,10 @@ def iter_members(path: Path) -> Iterator[tuple[str, memoryview]]:
     """
     if not path.is_file():
         raise UnsafeArchiveError(f"{path}: no such file")
-    inflater = Inflater(path, MAX_TAR_BYTES)
+    try:
+        inflater = Inflater(path, MAX_TAR_BYTES)
+    except OSError as error:  # the file cannot be opened or mapped
+        raise _unreadable(path, error) from None
     failure: Exception | None = None
     try:
         try:

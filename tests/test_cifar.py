@@ -265,3 +265,14 @@ def test_an_archive_inflated_in_pieces_gives_the_same_arrays(
         np.testing.assert_array_equal(ours, theirs)
     np.testing.assert_array_equal(pieces.train_labels, whole.train_labels)
     assert not _inflate_threads()
+
+
+def test_an_archive_that_cannot_be_opened_is_reported_as_unreadable(
+    python_archive: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(gunzip, "_map", refuse)  # as open() does for a user without read rights
+    with pytest.raises(UnsafeArchiveError, match=r"not a readable tar.gz archive \(Permission"):
+        load_cifar10(python_archive)
