@@ -108,9 +108,8 @@ class Inflater:
         self._total = 0  # bytes inflated by all pieces, to bound memory on a bomb
         self._verifying = False
         if self._data[:2].tobytes() != b"\x1f\x8b":  # a plain tar: the file is the output
-            self._pieces = [_Piece(0, self._data, 0, located=True)]
-            self._pieces[0].size = len(self._data)
-            self._pieces[0].finished = True
+            whole = _Piece(0, self._data, 0, located=True, size=len(self._data), finished=True)
+            self._pieces = [whole]
             if len(self._data) > limit:
                 self.error = LimitExceeded(limit)
             self.done = True

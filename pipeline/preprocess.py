@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import write_json
-from pipeline.cifar import TRAIN_BATCHES, Batch, load_cifar10
+from pipeline.cifar import PIXELS, TRAIN_BATCHES, Batch, load_cifar10
 from pipeline.cli import run_stage
 from pipeline.config import PreprocessParams, load_params
 from pipeline.dataset import CLASSES_FILE, SPLITS, split_dir, stratified_split
@@ -56,11 +56,11 @@ class PixelSums:
     squares: tuple[int, ...]
 
     @classmethod
-    def of(cls, sums: np.ndarray, pixels_per_image: int = 32 * 32) -> PixelSums:
+    def of(cls, sums: np.ndarray) -> PixelSums:
         """The sums over images, from their image_sums rows."""
         both = sums.sum(axis=0, dtype=np.uint64)
         return cls(
-            count=len(sums) * pixels_per_image,
+            count=len(sums) * PIXELS // 3,  # pixels per channel
             total=tuple(int(n) for n in both[0]),
             squares=tuple(int(n) for n in both[1]),
         )
@@ -127,10 +127,6 @@ class Rows:
                 flat[first:end].data.cast("B") for first, end in zip(firsts, ends, strict=True)
             ]
         return pieces
-
-    def gather(self) -> np.ndarray:
-        """The rows as one array (a copy)."""
-        return np.concatenate([array[rows] for array, rows in self._rows()])
 
 
 @dataclass(frozen=True)

@@ -147,8 +147,7 @@ def test_rows_are_written_as_np_save_writes_them_gathered(
     rng = np.random.default_rng(4)
     arrays = tuple(rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8) for _ in range(3))
     rows = Rows(arrays, indices)
-    gathered = rows.gather() if len(indices) else np.empty((0, 32, 32, 3), np.uint8)
-    np.testing.assert_array_equal(gathered, np.concatenate(arrays)[indices])
+    gathered = np.concatenate(arrays)[indices]
     monkeypatch.setattr(preprocess_module, "IOV_MAX", 2)  # several writev calls
     preprocess_module._save(tmp_path / "rows.npy", rows)
     np.save(tmp_path / "gathered.npy", gathered)
