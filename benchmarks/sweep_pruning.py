@@ -65,13 +65,13 @@ def run_sweep(pruner: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     )
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     rss_after_trial: list[float] = []
-    original = tune.StopWhenFull.__call__
+    original = tune.log_trial
 
-    def record(self: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         rss_after_trial.append(resident_mb())
-        original(self, study, trial)
+        original(study, trial)
 
-    tune.StopWhenFull.__call__ = record  # type: ignore[method-assign]
+    tune.log_trial = record
     start = time.perf_counter()
     best = tune.sweep(params)
     seconds = time.perf_counter() - start

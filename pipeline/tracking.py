@@ -168,20 +168,32 @@ def tracked_run(
     try:
         yield run
     except finished_on:
-        _end_run("FINISHED")
+        _end_run("FINISHED", run.info.run_id, failing=True)
         raise
     except KeyboardInterrupt:
-        _end_run("KILLED")
+        _end_run("KILLED", run.info.run_id, failing=True)
         raise
     except BaseException:
-        _end_run("FAILED")
+        _end_run("FAILED", run.info.run_id, failing=True)
         raise
-    _end_run("FINISHED")
+    _end_run("FINISHED", run.info.run_id)
 
 
 @uninterrupted
-def _end_run(status: str) -> None:
-    mlflow.end_run(status)
+def _end_run(status: str, run_id: str, failing: bool = False) -> None:
+    """Ends the active run. While an error is on its way out (`failing`), a store that cannot
+    be reached is logged instead of raised, so the first error is the one reported; the run
+    is ended later (train resumes it; a sweep's next worker ends it FAILED)."""
+    try:
+        mlflow.end_run(status)
+    except MlflowException as error:
+        if not failing:
+            raise
+        # mlflow.end_run has already dropped the run from this process's active runs.
+        log.warning(
+            "could not end MLflow run %s as %s: %s",
+            run_id, status, str(error).strip().splitlines()[0][:300],
+        )  # fmt: skip
 
 
 @uninterrupted
@@ -195,6 +207,36 @@ def create_run(experiment: str, run_name: str, tags: Mapping[str, str], params: 
     )
     client.set_terminated(run.info.run_id, "FINISHED")  # workers resume it while they run
     return str(run.info.run_id)
+
+
+def retry_writes_for(seconds: float) -> None:
+    """Lets MLflow's own HTTP client retry a tracking server for about `seconds`.
+
+    Its retries back off as 0, 1, 2, 4, ... seconds (backoff factor 1), so n retries wait about
+    2 ** (n - 1) - 1 seconds in all. Variables the user set are kept."""
+    retries = max(1, math.ceil(math.log2(seconds + 1)) + 1)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(min(retries, 10)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def check_access() -> None:
+    """For an MLflow server: one authenticated request, so refused credentials fail at once,
+    in one line naming the server and the HTTP status."""
+    uri = os.environ.get(TRACKING_URI_ENV, "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        status = error.get_http_status_code()
+        if status in (401, 403):
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise PipelineError(
+                f"MLflow tracking server {uri} refused "
+                f"{f'user {who!r}' if who else 'a request without credentials'} "
+                f"(HTTP {status}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise
 
 
 def wait_for_store(seconds: float) -> None:
@@ -286,6 +328,29 @@ def end_abandoned_run(
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, status)
         log.info("ended abandoned MLflow run %s as %s", run_id, status)
+
+
+@uninterrupted
+def end_failed_run(run_id: str, reason: str) -> None:
+    """Ends a sweep trial's run FAILED (tag optuna.state FAIL) unless it already ended FAILED
+    or KILLED: its process or worker died, or its result never reached Optuna."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        log.warning("MLflow run %s of a failed trial: %s", run_id, str(error).splitlines()[0])
+        return
+    if run.info.status in ("FAILED", "KILLED"):
+        return
+    client.set_tag(run_id, "optuna.state", "FAIL")
+    client.set_tag(run_id, "optuna.fail_reason", reason[:500])
+    client.set_terminated(run_id, "FAILED")
+    log.info("ended MLflow run %s as FAILED: %s", run_id, reason)
+
+
+@uninterrupted
+def delete_run(run_id: str) -> None:
+    MlflowClient().delete_run(run_id)
 
 
 @uninterrupted

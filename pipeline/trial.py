@@ -5,8 +5,11 @@ trained every trial in one process would grow by that much per trial. Here each 
 forked from a server that has TensorFlow imported already (about 0.2 s to start), and everything
 it allocates goes back to the system when it exits: memory stays flat however many trials run.
 
-The child reports each epoch's validation accuracy to the Optuna storage itself (so the pruner
-sees it at once), logs to the trial's MLflow run, and sends the parent a `TrialOutcome`.
+The trial process trains and logs its epochs to the trial's MLflow run; it never touches the
+Optuna storage. After each epoch it sends the worker its validation accuracy and waits for the
+answer (prune or go on): the worker alone reports to Optuna, so a database outage is the worker's
+to wait out. When the worker dies, its end of the answer pipe closes and the trial process exits
+at once.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import resource
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import keras
 import optuna
+from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.cli import configure_logging
@@ -41,67 +49,79 @@ from pipeline.training import (
 
 log = logging.getLogger(__name__)
 
+# How long a trial process waits for the worker's answer after an epoch, beyond the time the
+# worker may spend waiting out a database outage (tune.connect_seconds).
+ANSWER_MARGIN_SECONDS = 60
+
 
 @dataclass(frozen=True)
 class TrialJob:
     """What a trial's process needs; it reads the data from disk itself."""
 
     params: Params  # with the trial's values (config.trial_values)
-    study_name: str
-    storage: str  # the Optuna storage URL
-    trial_id: int
-    pruner: optuna.pruners.BasePruner
+    number: int  # the Optuna trial number, for log lines
     tracking_uri: str  # the MLflow store of...
-    run_id: str  # ...the trial's run, opened (and ended) by the parent
+    run_id: str  # ...the trial's run, opened (and ended) by the worker
     cwd: str
-    parent_pid: int
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """Sent by the trial process after each completed epoch."""
+
+    epoch: int  # 1-based
+    val_accuracy: float
 
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    state: Literal["complete", "pruned", "bad_input", "crashed"]
+    """Sent by the trial process once it is done."""
+
+    state: Literal["complete", "pruned", "bad_input", "tracking_lost", "crashed"]
     value: float | None = None  # final validation accuracy, when complete
-    reason: str = ""  # why pruned; the error, when bad_input or crashed
+    reason: str = ""  # why pruned; the error otherwise
     fit_seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
 
-class ReportToTrial(keras.callbacks.Callback):
-    """Reports validation accuracy after each epoch; raises TrialPruned when Optuna says so."""
+class TrialProcessDied(PipelineError):
+    """The trial's process ended without an outcome (killed, out of memory)."""
 
-    def __init__(self, trial: optuna.Trial) -> None:
+
+class AskTheWorker(keras.callbacks.Callback):
+    """After each epoch: sends the worker the validation accuracy; stops if it says prune."""
+
+    def __init__(self, job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> None:
         super().__init__()
-        self.trial = trial
+        self.job, self.results, self.answers = job, results, answers
+        self.timeout = job.params.tune.connect_seconds + ANSWER_MARGIN_SECONDS
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if not logs:  # a diverged epoch: fit raises TrainingDiverged right after
             return
-        self.trial.set_user_attr("epochs", epoch + 1)
-        self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
         log.info(
             "trial %d: epoch %d of %d, val_accuracy %.4f",
-            self.trial.number, epoch + 1, self.params["epochs"], logs["val_accuracy"],
+            self.job.number, epoch + 1, self.params["epochs"], logs["val_accuracy"],
         )  # fmt: skip
-        if self.trial.should_prune():
+        self.results.send(Epoch(epoch + 1, float(logs["val_accuracy"])))
+        try:
+            prune = self.answers.get(timeout=self.timeout)
+        except queue.Empty:
+            raise PipelineError(
+                f"trial {self.job.number}: the worker did not answer within {self.timeout} s"
+            ) from None
+        if prune:
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
 
-class StopIfOrphaned(keras.callbacks.Callback):
-    """Ends the process when the sweep that started it is gone, rather than train for nobody.
-
-    The dead sweep's trial is failed and retried by the next worker (its heartbeat stops).
-    """
-
-    def __init__(self, parent_pid: int) -> None:
-        super().__init__()
-        self.parent_pid = parent_pid
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        try:
-            os.kill(self.parent_pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            log.warning("the sweep process %d is gone; this trial stops", self.parent_pid)
-            os._exit(1)
+def listen_to_worker(answers: Connection, into: queue.Queue[bool], number: int) -> None:
+    """Passes the worker's answers on; when the worker is gone, ends this process at once."""
+    try:
+        while True:
+            into.put(answers.recv())
+    except (EOFError, OSError):
+        log.warning("trial %d: its sweep worker is gone; the trial stops", number)
+        os._exit(1)
 
 
 def trial_subset(train: Split, params: TuneParams) -> Split:
@@ -113,30 +133,34 @@ def trial_subset(train: Split, params: TuneParams) -> Split:
     return Split(train.images[picked], train.labels[picked])
 
 
-def train_trial(job: TrialJob, connection: Connection) -> None:
-    """The trial process: trains, then sends its TrialOutcome to the parent."""
+def train_trial(job: TrialJob, results: Connection, answers: Connection) -> None:
+    """The trial process: trains, then sends its TrialOutcome to the worker."""
     configure_logging()
+    # Ctrl-C in a terminal reaches the whole process group: the worker stops this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    heard: queue.Queue[bool] = queue.Queue()
+    threading.Thread(
+        target=listen_to_worker, args=(answers, heard, job.number), daemon=True
+    ).start()
     try:
-        outcome = _train(job)
+        outcome = _train(job, results, heard)
     except PipelineError as error:  # bad data or params: one line for the user
         outcome = TrialOutcome("bad_input", reason=str(error))
-    except Exception:  # a bug: the parent fails the trial and shows this traceback
+    except MlflowException as error:  # the tracking server stayed away past its retries
+        reason = f"MLflow at {job.tracking_uri}: {str(error).strip().splitlines()[0][:300]}"
+        outcome = TrialOutcome("tracking_lost", reason=reason)
+    except Exception:  # a bug: the worker fails the trial and shows this traceback
         outcome = TrialOutcome("crashed", reason=traceback.format_exc())
-    connection.send(outcome)
-    connection.close()
+    try:
+        results.send(outcome)
+    except OSError:  # the worker died meanwhile
+        log.warning("trial %d: its sweep worker is gone; the outcome is lost", job.number)
+        os._exit(1)
 
 
-def _train(job: TrialJob) -> TrialOutcome:
+def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> TrialOutcome:
     os.chdir(job.cwd)
     tracking.use_tracking_uri(job.tracking_uri)
-    study = optuna.load_study(
-        study_name=job.study_name,
-        storage=job.storage,
-        sampler=optuna.samplers.RandomSampler(),  # samples nothing here; the parent did
-        pruner=job.pruner,
-    )
-    trial = optuna.trial.Trial(study, job.trial_id)
-    trial.set_user_attr("process", os.getpid())  # each trial's own, never the sweep's
     params = job.params
     train = trial_subset(load_split(params.paths.prepared, "train"), params.tune)
     validation = load_split(params.paths.prepared, "validation")
@@ -159,8 +183,7 @@ def _train(job: TrialJob) -> TrialOutcome:
             params.train,
             callbacks=[
                 tracking.EpochLogger(job.run_id),
-                ReportToTrial(trial),  # after the logger: a pruned epoch is still logged
-                StopIfOrphaned(job.parent_pid),
+                AskTheWorker(job, results, answers),  # after the logger: a pruned epoch is logged
             ],
             verbose=0,
         )
@@ -178,30 +201,48 @@ def trial_processes() -> Any:
     return context
 
 
-def run_in_process(job: TrialJob, name: str) -> TrialOutcome:
-    """Runs a trial in its own process and waits for its outcome.
+def run_in_process(
+    job: TrialJob, judge: Callable[[Epoch], bool], started: Callable[[int], None]
+) -> TrialOutcome:
+    """Runs a trial in its own process; `judge` answers each epoch (True: prune).
 
-    Ctrl-C or SIGTERM here stops the trial's process too. A process that dies without answering
-    (killed, out of memory) raises PipelineError.
+    `started` gets the process id. Ctrl-C or SIGTERM here, or an error in `judge`, stops the
+    trial's process too. A process that dies without an outcome raises TrialProcessDied.
     """
     context = trial_processes()
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=train_trial, args=(job, sender), name=name, daemon=True)
+    results, results_end = context.Pipe(duplex=False)
+    answers_end, answers = context.Pipe(duplex=False)
+    process = context.Process(
+        target=train_trial, args=(job, results_end, answers_end), name=f"trial {job.number}",
+        daemon=True,
+    )  # fmt: skip
     process.start()
-    sender.close()  # the child holds the only sending end: its death reads as EOF here
+    started(process.pid)
+    # The child holds the only other ends: its death reads as EOF here, and the worker's death
+    # reads as EOF there.
+    results_end.close()
+    answers_end.close()
     outcome: TrialOutcome | None = None
     try:
-        outcome = receiver.recv()
-    except EOFError:
-        pass
+        while outcome is None:
+            try:
+                message = results.recv()
+            except EOFError:
+                break
+            if isinstance(message, TrialOutcome):
+                outcome = message
+            else:
+                answers.send(judge(message))
     finally:
-        if outcome is None and process.is_alive():
+        process.join(timeout=30 if outcome is not None else 0)
+        if process.is_alive():
             process.terminate()
-        process.join()
-        receiver.close()
+            process.join()
+        results.close()
+        answers.close()
     if outcome is None:
-        raise PipelineError(
-            f"{name}: its process ended (exit code {process.exitcode}) before it reported a "
-            "result; it may have run out of memory"
+        raise TrialProcessDied(
+            f"trial {job.number}: its process ended (exit code {process.exitcode}) before it "
+            "reported a result; it may have run out of memory"
         )
     return outcome

@@ -23,6 +23,7 @@ from typing import Any
 import matplotlib
 import optuna
 import yaml
+from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.atomic import write_text
@@ -30,7 +31,6 @@ from pipeline.cli import run_stage
 from pipeline.config import (
     ChoiceParams,
     Params,
-    TuneParams,
     flatten,
     load_params,
     to_plain,
@@ -39,7 +39,18 @@ from pipeline.config import (
 )
 from pipeline.dataset import split_files
 from pipeline.errors import PipelineError
-from pipeline.trial import TrialJob, run_in_process
+from pipeline.study import (
+    FINISHED_STATES,
+    Retry,
+    Storage,
+    finished_trials,
+    first_line,
+    open_study,
+    redacted,
+    settle,
+    shared_parent_run,
+)
+from pipeline.trial import Epoch, TrialJob, TrialProcessDied, run_in_process
 
 matplotlib.use("Agg")
 # Heartbeats and the matplotlib plots are marked experimental; the marks say nothing to a user.
@@ -47,109 +58,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 log = logging.getLogger(__name__)
 
-STORAGE_ENV = "OPTUNA_STORAGE"
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
-# --- the study ----------------------------------------------------------------------------------
-
-
-def storage_url(params: TuneParams) -> str:
-    """OPTUNA_STORAGE, when set, overrides tune.storage."""
-    return os.environ.get(STORAGE_ENV, "").strip() or params.storage
-
-
-def make_sampler(params: TuneParams) -> optuna.samplers.BaseSampler:
-    """Seeded with tune.seed; with OPTUNA_STORAGE set (workers sharing a study), each worker
-    adds its process id, or they would all draw the same first values."""
-    seed = params.seed + (os.getpid() if os.environ.get(STORAGE_ENV) else 0)
-    if params.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def make_pruner(params: TuneParams) -> optuna.pruners.BasePruner:
-    if params.pruner == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=params.startup_trials, n_warmup_steps=params.warmup_epochs
-        )
-    if params.pruner == "successive_halving":  # asynchronous: rungs at 1, r, r^2... epochs
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=1, reduction_factor=params.reduction_factor
-        )
-    if params.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=params.epochs, reduction_factor=params.reduction_factor
-        )
-    return optuna.pruners.NopPruner()
-
-
-def end_stale_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose worker died (no heartbeat for tune.grace_seconds): end its MLflow run too."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        tracking.end_abandoned_run(run_id, status="FAILED", tags={"optuna.state": "FAIL"})
-
-
-def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Ends the dead trial's run, then queues the same values again (up to 3 times)."""
-    end_stale_trial_run(study, trial)
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
-
-
-def make_storage(params: TuneParams) -> optuna.storages.RDBStorage:
-    """The study's database, with heartbeats so that a dead worker's trial does not stay RUNNING."""
-    url = storage_url(params)
-    if url.startswith("sqlite"):
-        # Writers queue for the file lock instead of failing at once with "database is locked".
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}  # survive a database restart between trials
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=params.heartbeat_seconds,
-        grace_period=params.grace_seconds,
-        heartbeat_stale_trial_callback=retry_stale_trial,
-    )
-
-
-def open_study(params: TuneParams) -> optuna.Study:
-    """Creates the study, or loads it to resume; retries an unreachable database for a while."""
-    url = storage_url(params)
-    deadline = time.monotonic() + params.connect_seconds
-    wait = 1.0
-    while True:
-        try:
-            return optuna.create_study(
-                storage=make_storage(params),
-                study_name=params.study_name,
-                direction="maximize",
-                sampler=make_sampler(params),
-                pruner=make_pruner(params),
-                load_if_exists=True,
-            )
-        except Exception as error:  # SQLAlchemy and driver errors vary; name the URL and cause
-            cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
-            if time.monotonic() + wait > deadline:
-                raise PipelineError(
-                    f"cannot open Optuna storage {_redacted(url)} ({cause}); gave up after "
-                    f"tune.connect_seconds = {params.connect_seconds} s. Check that the database "
-                    f"is up and reachable, or set {STORAGE_ENV}"
-                ) from None
-            log.warning(
-                "Optuna storage %s unreachable (%s); retrying in %.0f s",
-                _redacted(url),
-                cause,
-                wait,
-            )
-            time.sleep(wait)
-            wait = min(wait * 2, 15)
-
-
-def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+# Fault-injection tests only: "start=S" or "store=S" makes the worker pause S seconds once a
+# trial's MLflow run is open (before its process starts), or before Optuna stores its result.
+TEST_PAUSE_ENV = "PIPELINE_TEST_PAUSE"
 
 
 # --- one trial ----------------------------------------------------------------------------------
@@ -175,18 +86,45 @@ def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
     return values
 
 
+class TrialFailed(PipelineError):
+    """A trial that could not finish through no fault of its values; it is retried."""
+
+
+class TrackingUnavailable(PipelineError):
+    """The MLflow tracking store refused or dropped this worker's writes past their retries."""
+
+
 class Objective:
     """One trial: its values, its MLflow run, and its training in a process of its own.
 
-    Returns the final validation accuracy; raises TrialPruned for a pruned or diverged trial.
+    Returns the final validation accuracy; raises TrialPruned for a pruned or diverged trial,
+    TrialFailed for one whose process died or whose MLflow writes gave up.
     """
 
     def __init__(self, params: Params, parent_run_id: str) -> None:
         self.params = params
         self.parent_run_id = parent_run_id
+        self.number: int | None = None  # the trial in hand
+        self.unstored_run_id: str | None = None  # its run, until Optuna has stored its result
 
     def __call__(self, trial: optuna.Trial) -> float:
-        claim_slot(trial, self.params.tune.n_trials)
+        self.number, self.unstored_run_id = trial.number, None
+        try:
+            return self.run(trial)
+        except MlflowException as error:
+            raise TrackingUnavailable(
+                f"MLflow tracking store {tracking.tracking_uri()} failed past its retries "
+                f"(about tune.connect_seconds = {self.params.tune.connect_seconds} s): "
+                f"{first_line(error)}; this worker stops"
+            ) from None
+
+    def run(self, trial: optuna.Trial) -> float:
+        previous_run = trial.user_attrs.get("mlflow_run_id")  # a retry inherits its attributes
+        if previous_run:
+            tracking.end_failed_run(previous_run, f"retried as trial {trial.number}")
+            for inherited in ("epochs", "process", "fail_reason", "pruned_reason"):
+                if inherited in trial.user_attrs:
+                    trial.set_user_attr(inherited, None)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         values = suggest(trial, self.params)
         params = with_values(self.params, trial_values(self.params, values))
@@ -199,21 +137,21 @@ class Objective:
             finished_on=(optuna.TrialPruned,),
         ) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            self.unstored_run_id = run.info.run_id
             tracking.log_params(params)
             tracking.set_tags({"optuna.state": "RUNNING"})
+            test_pause("start", trial.number)
             job = TrialJob(
-                params=params,
-                study_name=trial.study.study_name,
-                storage=storage_url(params.tune),
-                trial_id=trial._trial_id,
-                pruner=trial.study.pruner,
-                tracking_uri=tracking.tracking_uri(),
-                run_id=run.info.run_id,
-                cwd=os.getcwd(),
-                parent_pid=os.getpid(),
+                params, trial.number, tracking.tracking_uri(), run.info.run_id, os.getcwd()
             )
             try:
-                outcome = run_in_process(job, f"trial {trial.number}")
+                outcome = run_in_process(
+                    job, judge=lambda epoch: self.judge(trial, epoch),
+                    started=lambda pid: trial.set_user_attr("process", pid),
+                )  # fmt: skip
+            except TrialProcessDied as died:
+                self.fail(trial, str(died))
+                raise TrialFailed(str(died)) from None
             except BaseException:
                 tracking.set_tags({"optuna.state": "FAIL"})
                 raise
@@ -224,14 +162,62 @@ class Objective:
                 tags = {"optuna.state": "PRUNED", "optuna.pruned_reason": outcome.reason}
                 tracking.set_tags(tags)
                 raise optuna.TrialPruned(outcome.reason)
+            if outcome.state == "tracking_lost":
+                self.fail(trial, outcome.reason)
+                raise TrialFailed(f"trial {trial.number}: {outcome.reason}")
             if outcome.state != "complete" or outcome.value is None:
-                tracking.set_tags({"optuna.state": "FAIL"})
+                self.fail(trial, outcome.reason.strip().splitlines()[-1])
                 if outcome.state == "bad_input":
                     raise PipelineError(outcome.reason)
                 raise RuntimeError(f"trial {trial.number} failed in its process:\n{outcome.reason}")
             tracking.set_tags({"optuna.state": "COMPLETE"})
             tracking.log_summary({"objective_val_accuracy": outcome.value})
-        return outcome.value  # logged by StopWhenFull once Optuna has stored it
+        test_pause("store", trial.number)
+        return outcome.value
+
+    def judge(self, trial: optuna.Trial, epoch: Epoch) -> bool:
+        """Reports an epoch to Optuna (retried through a database restart); True: prune."""
+        trial.set_user_attr("epochs", epoch.epoch)
+        trial.report(epoch.val_accuracy, step=epoch.epoch)
+        return bool(trial.should_prune())
+
+    def fail(self, trial: optuna.Trial, reason: str) -> None:
+        log.warning("trial %d failed: %s", trial.number, reason)
+        trial.set_user_attr("fail_reason", reason[:500])
+        tracking.set_tags({"optuna.state": "FAIL"})
+
+    def stored(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """An optimize callback: Optuna has stored the trial's result."""
+        self.unstored_run_id = None
+
+    def abandon(self, reason: str) -> None:
+        """The trial's result could not be stored: its run must not read as a finished trial."""
+        if self.unstored_run_id:
+            tracking.end_failed_run(self.unstored_run_id, reason)
+            self.unstored_run_id = None
+
+
+def test_pause(point: str, number: int) -> None:
+    """Pauses where PIPELINE_TEST_PAUSE says (fault-injection tests kill the worker there)."""
+    name, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition("=")
+    if name == point:
+        log.info("trial %d: pausing %s s at %r (%s)", number, seconds, point, TEST_PAUSE_ENV)
+        time.sleep(float(seconds))
+
+
+class OneLineErrors(logging.Filter):
+    """Optuna logs every failed trial with its traceback; a PipelineError (a dead trial process,
+    a tracking server gone) or an interrupt says all there is in its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (PipelineError, KeyboardInterrupt)):
+            record.exc_info = None
+        return True
+
+
+def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    reason = trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason") or ""
+    log.info("trial %d %s: value %s %s", trial.number, trial.state.name, trial.value, reason)
 
 
 # --- outputs ------------------------------------------------------------------------------------
@@ -308,137 +294,106 @@ def write_outputs(study: optuna.Study, params: Params) -> dict[str, Any]:
 # --- the stage ----------------------------------------------------------------------------------
 
 
-class SurplusTrial(Exception):
-    """Other workers already finished the study's tune.n_trials; this trial is not run."""
+def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run_id: str) -> None:
+    """Runs trials until the study has tune.n_trials finished ones (or tune.timeout passes).
 
-
-def claim_slot(trial: optuna.Trial, n_trials: int, poll_seconds: float = 1.0) -> None:
-    """Lets a trial train only while the study has fewer than n_trials trials taken.
-
-    Taken: finished trials, running trials with a lower number (numbers are unique across
-    workers, so of two trials started at once exactly one counts the other), and waiting ones
-    (enqueued or retried trials go before freshly sampled ones). This makes any number of workers
-    stop at exactly n_trials finished trials. While the slots are held by running trials, one of
-    which may yet die and be retried, it waits; once the study is full it raises SurplusTrial.
+    Workers never wait on each other: each runs trials while the study is short, so the last
+    ones to finish may add up to `workers - 1` trials beyond n_trials. A database outage is
+    waited out for up to tune.connect_seconds, then the worker stops naming it. Ctrl-C or
+    SIGTERM fails the trial in hand and queues it for the other workers.
     """
-    state = optuna.trial.TrialState
-    study = trial.study
+    tune = params.tune
+    objective = Objective(params, parent_run_id)
+    deadline = None if tune.timeout is None else time.monotonic() + tune.timeout
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
+        objective.stored,
+        log_trial,
+        Retry(tune.n_trials),  # a failed trial's values go back in the queue
+        optuna.study.MaxTrialsCallback(tune.n_trials, states=FINISHED_STATES),
+    ]
     while True:
-        everything = study.get_trials(deepcopy=False)
-        (me,) = [t for t in everything if t.number == trial.number]
-        queued = "fixed_params" in me.system_attrs or "failed_trial" in me.system_attrs
-        trials = [t for t in everything if t.number != trial.number]
-        finished = sum(1 for t in trials if t.state in FINISHED_STATES)
-        running = sum(1 for t in trials if t.state == state.RUNNING and t.number < trial.number)
-        waiting = sum(
-            1
-            for t in trials
-            if t.state == state.WAITING and (not queued or t.number < trial.number)
-        )
-        if finished + running + waiting < n_trials:
-            return
-        if finished >= n_trials:
-            reason = f"surplus: the study already has its {n_trials} trials"
-            trial.set_user_attr("fail_reason", reason)
-            raise SurplusTrial(reason)
-        time.sleep(poll_seconds)
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial frees its slot
+        remaining = None if deadline is None else deadline - time.monotonic()
+        try:
+            if finished_trials(study) >= tune.n_trials or (
+                remaining is not None and remaining <= 0
+            ):
+                return
+            study.optimize(
+                objective, timeout=remaining, callbacks=callbacks, catch=(TrialFailed,),
+                gc_after_trial=True,
+            )  # fmt: skip
+        except optuna.exceptions.StorageInternalError as error:
+            objective.abandon(f"its result could not be stored: {first_line(error)}")
+            log.warning("Optuna storage %s: %s", redacted(storage.url), first_line(error))
+            try:
+                storage.get_study_id_from_name(study.study_name)  # waits up to connect_seconds
+            except optuna.exceptions.StorageInternalError as lasting:
+                raise PipelineError(
+                    f"Optuna storage {redacted(storage.url)} unusable for tune.connect_seconds = "
+                    f"{tune.connect_seconds} s ({first_line(lasting)}); this worker stops"
+                ) from None
+        except (KeyboardInterrupt, TrackingUnavailable):
+            requeue(study, objective.number, tune.n_trials)
+            raise
 
 
-class StopWhenFull:
-    """After each stored trial: log it, and stop this worker once the study has n_trials."""
-
-    def __init__(self, n_trials: int) -> None:
-        self.n_trials = n_trials
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        reason = trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason") or ""
-        log.info("trial %d %s: value %s %s", trial.number, trial.state.name, trial.value, reason)
-        if finished_trials(study) >= self.n_trials:
-            study.stop()
-
-
-def shared_parent_run(study: optuna.Study, params: Params, wait_seconds: float = 120) -> str:
-    """The study's MLflow parent run id, created by whichever worker gets there first.
-
-    The right to create it is claimed by creating a marker study (study names are unique in
-    the storage, so exactly one worker succeeds); the others wait for the id to appear.
-    """
-    existing = study.user_attrs.get(PARENT_RUN_ATTR)
-    if existing:
-        return str(existing)
-    claim = f"{study.study_name}.mlflow-parent-claim"
-    try:
-        optuna.create_study(storage=study._storage, study_name=claim)
-    except optuna.exceptions.DuplicatedStudyError:
-        deadline = time.monotonic() + wait_seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            existing = study.user_attrs.get(PARENT_RUN_ATTR)
-            if existing:
-                return str(existing)
-        raise PipelineError(
-            f"another worker claimed the MLflow parent run of study {study.study_name!r} but did "
-            f"not record it within {wait_seconds:.0f} s; delete the study {claim!r} and rerun"
-        ) from None
-    run_id = tracking.create_run(
-        params.mlflow.experiment,
-        run_name=f"sweep-{study.study_name}",
-        tags={
-            "optuna.study": study.study_name,
-            "optuna.storage": _redacted(storage_url(params.tune)),
-        },
-        params=params,
-    )
-    study.set_user_attr(PARENT_RUN_ATTR, run_id)
-    return run_id
+def requeue(study: optuna.Study, number: int | None, n_trials: int) -> None:
+    """The trial this worker held when it had to stop: Optuna failed it; queue it again for
+    whichever worker is free next."""
+    if number is None:
+        return
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == number and trial.state == optuna.trial.TrialState.FAIL:
+            Retry(n_trials)(study, trial)
+            log.info("trial %d failed as this worker stopped; queued again", number)
 
 
 def sweep(params: Params) -> dict[str, Any]:
-    """Runs the trials the study still lacks, then writes the outputs; returns the best trial.
+    """Runs trials until the study has tune.n_trials finished ones, then writes the outputs;
+    returns the best trial. Any number of workers may run this against one storage.
 
-    Any number of workers may run this against one storage: together they run exactly
-    tune.n_trials finished (complete or pruned) trials.
+    Raises PipelineError when the study ends short of tune.n_trials (tune.timeout passed), after
+    writing the outputs of what it has.
     """
-    tracking.wait_for_store(params.tune.connect_seconds)
-    study = open_study(params.tune)
-    n_trials = params.tune.n_trials
-    parent_run_id = shared_parent_run(study, params)
-    with tracking.tracked_run(params.mlflow.experiment, run_id=parent_run_id) as parent:
+    tune = params.tune
+    tracking.retry_writes_for(tune.connect_seconds)
+    tracking.wait_for_store(tune.connect_seconds)
+    tracking.check_access()  # before the study: a refused worker stores nothing
+    study, storage = open_study(tune)
+    parent_run_id = shared_parent_run(study, storage, params)
+    with tracking.tracked_run(params.mlflow.experiment, run_id=parent_run_id):
         done = finished_trials(study)
-        if done < n_trials:
+        if done < tune.n_trials:
             log.info(
-                "study %r has %d of %d trials; running trials", study.study_name, done, n_trials
+                "study %r has %d of %d trials; running trials",
+                study.study_name,
+                done,
+                tune.n_trials,
             )
             for split in ("train", "validation"):  # before any trial: one clear error
                 split_files(params.paths.prepared, split)
-            study.optimize(
-                Objective(params, parent.info.run_id),
-                timeout=params.tune.timeout,
-                callbacks=[StopWhenFull(n_trials)],
-                catch=(SurplusTrial,),
-                gc_after_trial=True,
-            )
+            run_trials(study, storage, params, parent_run_id)
         else:
             log.info("study %r already has %d trials; nothing to run", study.study_name, done)
+        settle(study, storage, tune)
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise PipelineError(
                 f"study {study.study_name!r} has no complete trial yet; "
                 "widen tune.space or raise tune.n_trials"
             )
-        return write_outputs(study, params)
-
-
-def _redacted(url: str) -> str:
-    """A storage URL without its password, for tags and logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+        best = write_outputs(study, params)
+    done = finished_trials(study)
+    if done < tune.n_trials:
+        raise PipelineError(
+            f"study {study.study_name!r} ended short: {done} of tune.n_trials = {tune.n_trials} "
+            f"finished trials (tune.timeout = {tune.timeout} s passed); rerun to go on"
+        )
+    return best
 
 
 def main() -> None:
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(OneLineErrors())
     best = sweep(load_params())
     log.info(
         "best: trial %d, val_accuracy %.4f, %s", best["trial"], best["val_accuracy"], best["params"]

@@ -3,6 +3,7 @@ and the real params.yaml shrunk for tests."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import http.server
@@ -359,16 +360,20 @@ def _postgres_bin(name: str) -> str:
     return str(found)
 
 
+POSTGRES_PASSWORD = "pg-test-secret"
+
+
 @dataclass
 class Postgres:
     host: str
     port: int
     user: str
+    password: str
     base: Path
     as_user: list[str]
 
     def url(self, database: str) -> str:
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         import psycopg
@@ -377,34 +382,38 @@ class Postgres:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def stop(self) -> None:
+    def pg_ctl(self, *args: str) -> None:
         subprocess.run(
-            [
-                *self.as_user,
-                _postgres_bin("pg_ctl"),
-                "-D",
-                str(self.base / "data"),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            capture_output=True,
-        )
+            [*self.as_user, _postgres_bin("pg_ctl"), "-D", str(self.base / "data"), *args],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    def restart(self) -> None:
+        """`pg_ctl restart -m fast`, as an administrator would: every connection is cut."""
+        self.pg_ctl("-l", str(self.base / "log"), "-m", "fast", "-w", "restart")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.pg_ctl("-m", "immediate", "stop")
         shutil.rmtree(self.base, ignore_errors=True)
 
 
 def start_postgres() -> Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, run as `postgres` when we are root."""
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with password authentication, run as
+    `postgres` when we are root."""
     import tempfile
 
     base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # under /tmp: reachable by `postgres`
+    (base / "pwfile").write_text(POSTGRES_PASSWORD + "\n")
     as_user: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         shutil.chown(base, "postgres", "postgres")
+        shutil.chown(base / "pwfile", "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = base / "data", free_port()
     subprocess.run(
-        [*as_user, _postgres_bin("initdb"), "-D", str(data), "-U", "pipeline", "--auth=trust", "-E", "UTF8"],
+        [*as_user, _postgres_bin("initdb"), "-D", str(data), "-U", "pipeline", "--auth=scram-sha-256",
+         f"--pwfile={base / 'pwfile'}", "-E", "UTF8"],
         check=True, capture_output=True,
     )  # fmt: skip
     options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200"
@@ -412,7 +421,7 @@ def start_postgres() -> Postgres:
         [*as_user, _postgres_bin("pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-o", options, "-w", "start"],
         check=True, capture_output=True,
     )  # fmt: skip
-    return Postgres("127.0.0.1", port, "pipeline", base, as_user)
+    return Postgres("127.0.0.1", port, "pipeline", POSTGRES_PASSWORD, base, as_user)
 
 
 @pytest.fixture(scope="session")
@@ -424,31 +433,58 @@ def postgres() -> Iterator[Postgres]:
         server.stop()
 
 
+MLFLOW_USER, MLFLOW_PASSWORD = "sweeper", "mlflow-test-secret"
+MLFLOW_ADMIN_PASSWORD = "mlflow-admin-secret"
+
+
 @dataclass
 class MlflowServer:
+    """A real `mlflow server` with MLflow's basic-auth app; workers log in as `user`."""
+
     url: str
     process: subprocess.Popen[bytes]
+    command: list[str]
+    env: dict[str, str]
+    user: str = MLFLOW_USER
+    password: str = MLFLOW_PASSWORD
+
+    def credentials(self) -> dict[str, str]:
+        """The variables a worker (or a test's MlflowClient) needs to log in."""
+        return {"MLFLOW_TRACKING_USERNAME": self.user, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        os.environ.update(self.credentials())  # read by MLflow's client at each request
+        return MlflowClient(tracking_uri=self.url)
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait(timeout=30)
 
+    def restart_after(self, seconds: float) -> None:
+        """Stops the server, waits `seconds`, and starts it again on the same port."""
+        self.stop()
+        time.sleep(seconds)
+        self.process = _start_mlflow_process(self.command, self.env)
+        _wait_healthy(self.url, self.process)
 
-def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
-    port = free_port()
-    process = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+
+def _start_mlflow_process(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
-                    return MlflowServer(url, process)
+                    return
         except OSError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
@@ -457,11 +493,48 @@ def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
         time.sleep(0.5)
 
 
+def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
+    """`mlflow server --app-name basic-auth` on 127.0.0.1, as the README's recipe starts it,
+    with a user for the workers (users live in their own SQLite file beside the artifacts)."""
+    port = free_port()
+    config = artifacts.parent / f"mlflow-auth-{port}.ini"
+    config.write_text(
+        (ROOT / "sweep/mlflow-auth.ini")
+        .read_text()
+        .replace("sqlite:///mlflow-auth.db", f"sqlite:///{artifacts.parent / f'users-{port}.db'}")
+    )
+    command = [
+        "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    env = run_env(
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_AUTH_CONFIG_PATH=str(config),
+        MLFLOW_AUTH_ADMIN_PASSWORD=MLFLOW_ADMIN_PASSWORD,
+        MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key",
+    )
+    url = f"http://127.0.0.1:{port}"
+    process = _start_mlflow_process(command, env)
+    _wait_healthy(url, process)
+    import requests
+
+    created = requests.post(
+        f"{url}/api/2.0/mlflow/users/create",
+        json={"username": MLFLOW_USER, "password": MLFLOW_PASSWORD},
+        auth=("admin", MLFLOW_ADMIN_PASSWORD),
+        timeout=30,
+    )
+    assert created.ok, created.text
+    return MlflowServer(url, process, command, env)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(
     postgres: Postgres, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MlflowServer]:
-    """A real `mlflow server` on 127.0.0.1 with the PostgreSQL cluster as its backend store."""
+    """A real `mlflow server` on 127.0.0.1 with basic auth and the PostgreSQL cluster as its
+    backend store."""
     server = start_mlflow_server(
         postgres.create_database("mlflow"), tmp_path_factory.mktemp("artifacts")
     )

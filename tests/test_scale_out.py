@@ -1,13 +1,10 @@
-"""Scaling out: workers on PostgreSQL and an MLflow server, dead workers, SQLite workers,
-MirroredStrategy on two logical CPUs, and data moving through a DVC remote."""
+"""Scaling out: unreachable servers, MirroredStrategy on two logical CPUs, and data moving
+through a DVC remote (faults of shared sweeps: test_sweep_faults.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -16,8 +13,6 @@ import yaml
 
 from tests.conftest import (
     ROOT,
-    MlflowServer,
-    Postgres,
     copy_project,
     free_port,
     make_tiny_cifar,
@@ -28,7 +23,7 @@ from tests.conftest import (
     write_params,
     write_python_archive,
 )
-from tests.test_tune import STUDY, sweep_project
+from tests.test_tune import sweep_project
 
 pytestmark = pytest.mark.slow
 State = optuna.trial.TrialState
@@ -40,80 +35,6 @@ def start_worker(project: Path, env: dict[str, str]) -> subprocess.Popen[str]:
         ["python", "-m", "pipeline.tune"], cwd=project, env=run_env(**env), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-
-
-def test_three_workers_share_one_study_and_survive_a_killed_worker(
-    tmp_path: Path, postgres: Postgres, mlflow_server: MlflowServer
-) -> None:
-    project, env = sweep_project(tmp_path, own_mlflow=False, n_trials=6, epochs=6, pruner="none")
-    storage = postgres.create_database("workers")
-    env.update(OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=mlflow_server.url)
-    workers = [start_worker(project, env) for _ in range(3)]
-
-    # Kill (SIGKILL) the worker of a trial that is in the middle of training.
-    deadline, victim, doomed = time.monotonic() + 240, None, None
-    while victim is None:
-        assert time.monotonic() < deadline, "no trial reached its second epoch"
-        assert all(w.poll() is None for w in workers), [
-            w.communicate()[0][-2000:] for w in workers if w.poll() is not None
-        ]
-        try:
-            trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
-        except KeyError:  # not created yet
-            trials = []
-        for trial in trials:
-            if trial.state == State.RUNNING and trial.user_attrs.get("epochs", 0) >= 1:
-                pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
-                victim = next(w for w in workers if w.pid == pid)
-                doomed = trial.number
-                break
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    survivors = [w for w in workers if w is not victim]
-    for worker in survivors:
-        output = worker.communicate(timeout=420)[0]
-        assert worker.returncode == 0, output[-4000:]
-
-    trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
-    assert sum(t.state in FINISHED for t in trials) == 6
-    assert len({t.number for t in trials}) == len(trials)
-    assert not [t for t in trials if t.state in (State.RUNNING, State.WAITING)]
-    dead = trials[doomed]
-    assert dead.state == State.FAIL
-    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == doomed]
-    assert retry.state in FINISHED and retry.params == dead.params
-    surplus = [t for t in trials if t.state == State.FAIL and t.number != doomed]
-    assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in surplus)
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=mlflow_server.url)
-    experiment = client.get_experiment_by_name("cifar10-cnn")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1, [p.info.run_name for p in parents]
-    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    by_trial = {c.info.run_name: c for c in children}
-    assert len(by_trial) == len(children) == 7  # six finished trials and the dead one, once each
-    assert by_trial[f"trial-{doomed}"].info.status == "FAILED"
-    assert by_trial[f"trial-{retry.number}"].info.status == "FINISHED"
-
-
-def test_several_workers_on_one_sqlite_file_work(tmp_path: Path) -> None:
-    project, env = sweep_project(tmp_path, own_mlflow=False, n_trials=5, epochs=2)
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    workers = [start_worker(project, env) for _ in range(3)]
-    for worker in workers:
-        output = worker.communicate(timeout=420)[0]
-        assert worker.returncode == 0, output[-4000:]
-        assert "database is locked" not in output
-    trials = optuna.load_study(
-        study_name=STUDY, storage=f"sqlite:///{project / 'optuna.db'}"
-    ).get_trials()
-    assert sum(t.state in FINISHED for t in trials) == 5
 
 
 def test_unreachable_postgres_or_mlflow_server_give_a_clear_bounded_error(tmp_path: Path) -> None:

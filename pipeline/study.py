@@ -1,0 +1,275 @@
+"""The shared Optuna study of the `tune` stage: its storage, sampler and pruner, retries of
+failed trials, the study's one MLflow parent run, and the clean-up when a worker is done.
+
+Everything here uses Optuna's public API, so any number of workers, on any machines, can share
+one study (README: Scaling out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import tenacity
+
+from pipeline import tracking
+from pipeline.config import Params, TuneParams
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+STORAGE_ENV = "OPTUNA_STORAGE"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+MAX_RETRIES = 3  # times a failed trial's values are queued again
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def storage_url(params: TuneParams) -> str:
+    """OPTUNA_STORAGE, when set, overrides tune.storage."""
+    return os.environ.get(STORAGE_ENV, "").strip() or params.storage
+
+
+def make_sampler(params: TuneParams) -> optuna.samplers.BaseSampler:
+    """Seeded with tune.seed; with OPTUNA_STORAGE set (workers sharing a study), each worker
+    adds its process id, or they would all draw the same first values."""
+    seed = params.seed + (os.getpid() if os.environ.get(STORAGE_ENV) else 0)
+    if params.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(params: TuneParams) -> optuna.pruners.BasePruner:
+    if params.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=params.startup_trials, n_warmup_steps=params.warmup_epochs
+        )
+    if params.pruner == "successive_halving":  # asynchronous: rungs at 1, r, r^2... epochs
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=params.reduction_factor
+        )
+    if params.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=params.epochs, reduction_factor=params.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+class Retry:
+    """Queues a failed trial's values again (Optuna's own retry, up to MAX_RETRIES times), unless
+    the study already has its n_trials finished trials. The dead attempt's MLflow run is ended
+    FAILED, if nothing ended it."""
+
+    def __init__(self, n_trials: int) -> None:
+        self.n_trials = n_trials
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            return
+        reason = trial.user_attrs.get("fail_reason") or "its worker stopped sending heartbeats"
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracking.end_failed_run(run_id, reason)
+        if finished_trials(study) < self.n_trials:
+            self.retry(study, trial)
+
+
+class Storage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage, whose idempotent calls wait out a database restart.
+
+    Reads, heartbeats, reported values and attributes are retried for up to `retry_seconds`
+    (Optuna's heartbeat thread would otherwise end at the first refused connection, and its
+    live trial be failed as stale). Creating a trial or changing its state is not retried, as
+    the first attempt may have been stored: such a failure leaves the trial to be failed as
+    stale and retried whole.
+    """
+
+    def __init__(self, url: str, retry_seconds: float, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.url = url
+        self.retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(optuna.exceptions.StorageInternalError),
+            stop=tenacity.stop_after_delay(retry_seconds),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=10),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        log.warning(
+            "Optuna storage %s: %s; retrying in %.1f s",
+            redacted(self.url), _outcome_error(state), state.upcoming_sleep,
+        )  # fmt: skip
+
+    def _retried(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.retrying.copy()(call, *args, **kwargs)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return int(self._retried(super().get_study_id_from_name, study_name))
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        return self._retried(super().get_trial, trial_id)
+
+    def get_all_trials(self, *args: Any, **kwargs: Any) -> list[optuna.trial.FrozenTrial]:
+        return self._retried(super().get_all_trials, *args, **kwargs)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._retried(super().record_heartbeat, trial_id)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
+        self._retried(super().set_trial_intermediate_value, trial_id, step, value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._retried(super().set_trial_user_attr, trial_id, key, value)
+
+
+def make_storage(params: TuneParams) -> Storage:
+    """The study's database, with heartbeats so that a dead worker's trial does not stay RUNNING."""
+    url = storage_url(params)
+    if url.startswith("sqlite"):
+        # Writers queue for the file lock instead of failing at once with "database is locked".
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}  # a restarted database: reconnect, not fail
+    return Storage(
+        url,
+        retry_seconds=params.connect_seconds,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=params.heartbeat_seconds,
+        grace_period=params.grace_seconds,
+        heartbeat_stale_trial_callback=Retry(params.n_trials),
+    )
+
+
+def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
+    """Creates the study, or loads it to resume; waits for an unreachable database a while.
+
+    A refused password is not worth waiting for: it fails at once."""
+    url = storage_url(params)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lambda error: "authentication failed" not in str(error)),
+        stop=tenacity.stop_after_delay(params.connect_seconds),
+        wait=tenacity.wait_exponential(multiplier=1, max=15),
+        before_sleep=lambda state: log.warning(
+            "Optuna storage %s unreachable (%s); retrying in %.0f s",
+            redacted(url),
+            _outcome_error(state),
+            state.upcoming_sleep,
+        ),
+        reraise=True,
+    )
+
+    def attempt() -> tuple[optuna.Study, Storage]:
+        storage = make_storage(params)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=params.study_name,
+            direction="maximize",
+            sampler=make_sampler(params),
+            pruner=make_pruner(params),
+            load_if_exists=True,
+        )
+        return study, storage
+
+    try:
+        return retrying(attempt)
+    except Exception as error:  # SQLAlchemy and driver errors vary; name the URL and cause
+        raise PipelineError(
+            f"cannot open Optuna storage {redacted(url)} ({first_line(error)}); gave up after "
+            f"tune.connect_seconds = {params.connect_seconds} s. Check that the database "
+            f"is up and reachable and its credentials are right, or set {STORAGE_ENV}"
+        ) from None
+
+
+def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> str:
+    """The study's MLflow parent run id, created once by whichever worker comes first.
+
+    A worker that finds none creates a candidate run and records it as a trial of the small
+    study `<study>:mlflow-parent`. Optuna numbers a study's trials one at a time, each trial
+    stored whole with its attributes, so the candidate in trial 0 is the parent for every
+    worker, and the others delete theirs. A worker that fails or dies at any point leaves at
+    most an unused candidate behind; it never blocks the workers after it.
+    """
+    claims = optuna.create_study(
+        storage=storage, study_name=f"{study.study_name}:mlflow-parent", load_if_exists=True
+    )
+    recorded = claims.get_trials(deepcopy=False)
+    if not recorded:
+        candidate = tracking.create_run(
+            params.mlflow.experiment,
+            run_name=f"sweep-{study.study_name}",
+            tags={"optuna.study": study.study_name, "optuna.storage": redacted(storage.url)},
+            params=params,
+        )
+        claims.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.COMPLETE, value=0.0, user_attrs={"run_id": candidate}
+            )
+        )
+        recorded = claims.get_trials(deepcopy=False)
+        winner = str(min(recorded, key=lambda claim: claim.number).user_attrs["run_id"])
+        if winner != candidate:
+            tracking.delete_run(candidate)
+    winner = str(min(recorded, key=lambda claim: claim.number).user_attrs["run_id"])
+    if study.user_attrs.get(PARENT_RUN_ATTR) != winner:  # shown beside the study, for users
+        study.set_user_attr(PARENT_RUN_ATTR, winner)
+    return winner
+
+
+def settle(study: optuna.Study, storage: Storage, params: TuneParams) -> None:
+    """Once this worker starts no more trials: ends what a dead worker left behind.
+
+    Waits (at most grace_seconds and two heartbeats) while trials are RUNNING, failing those
+    whose heartbeat stopped; a live worker's trial simply finishes meanwhile, or is left to it.
+    A retry still WAITING in a full study is not needed: it is failed with that reason.
+    """
+    deadline = time.monotonic() + params.grace_seconds + 2 * params.heartbeat_seconds
+    running = (optuna.trial.TrialState.RUNNING,)
+    while study.get_trials(deepcopy=False, states=running) and time.monotonic() < deadline:
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(min(params.heartbeat_seconds, 5))
+    for failed in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run_id = failed.user_attrs.get("mlflow_run_id")
+        if run_id:  # left RUNNING when the tracking server was away as its trial failed
+            tracking.end_failed_run(run_id, failed.user_attrs.get("fail_reason") or "failed")
+    if finished_trials(study) < params.n_trials:
+        return
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for waiting in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(waiting) is None:
+            continue  # queued by hand: not ours to drop
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
+        if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING):  # ours now
+            reason = f"not needed: the study already has its {params.n_trials} trials"
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password, for tags and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def first_line(error: BaseException | None) -> str:
+    """`Type: first line of the message`, cut to 300 characters."""
+    if error is None:
+        return "unknown error"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _outcome_error(state: tenacity.RetryCallState) -> str:
+    error = state.outcome.exception() if state.outcome else None
+    return first_line(error if isinstance(error, BaseException) else None)
