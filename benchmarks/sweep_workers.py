@@ -68,7 +68,9 @@ def main() -> None:
             results = {}
             for count in args.workers:
                 storage = postgres.create_database(f"workers_{count}")
-                env = run_env(OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=server.url)
+                env = run_env(
+                    OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=server.url, **server.credentials()
+                )
                 start = time.perf_counter()
                 workers = [
                     subprocess.Popen(["python", "-m", "pipeline.tune"], cwd=project, env=env,

@@ -10,18 +10,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import tenacity
 from tqdm import tqdm
 
 from pipeline.cifar import PYTHON_DIR, PYTHON_MEMBER_MD5, UnsafeArchiveError, member_md5s
 from pipeline.cli import run_stage
 from pipeline.config import DataParams, load_params
 from pipeline.errors import PipelineError
+from pipeline.retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -106,23 +107,23 @@ def _copy_local(source: Path, part: Path) -> None:
 
 
 def _fetch_http(url: str, part: Path, *, timeout: float, retries: int) -> None:
-    failures = 0
-    while True:
-        try:
-            _fetch_http_once(url, part, timeout)
-            return
-        except _Transient as error:
-            failures += 1
-            have = part.stat().st_size if part.exists() else 0
-            if failures > retries:
-                raise DownloadError(
-                    f"download of {url} failed after {failures} attempts ({error}); "
-                    f"{have:,} bytes kept in {part}, so rerunning resumes from there. Check the "
-                    f"network or set {URL_ENV} to a mirror or a local file"
-                ) from None
-            wait = min(BACKOFF_SECONDS * 2 ** (failures - 1), BACKOFF_MAX_SECONDS)
-            log.warning("attempt %d failed (%s); retrying in %.1f s", failures, error, wait)
-            time.sleep(wait)
+    """Up to `retries` more attempts after transient failures, each resuming the last."""
+    attempts = retrying(
+        f"download of {url}",
+        retry=tenacity.retry_if_exception_type(_Transient),
+        stop=tenacity.stop_after_attempt(retries + 1),
+        first_wait=BACKOFF_SECONDS,
+        max_wait=BACKOFF_MAX_SECONDS,
+    )
+    try:
+        attempts(_fetch_http_once, url, part, timeout)
+    except _Transient as error:
+        have = part.stat().st_size if part.exists() else 0
+        raise DownloadError(
+            f"download of {url} failed after {retries + 1} attempts ({error}); "
+            f"{have:,} bytes kept in {part}, so rerunning resumes from there. Check the "
+            f"network or set {URL_ENV} to a mirror or a local file"
+        ) from None
 
 
 def _fetch_http_once(url: str, part: Path, timeout: float) -> None:

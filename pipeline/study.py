@@ -19,11 +19,13 @@ import tenacity
 from pipeline import tracking
 from pipeline.config import Params, TuneParams
 from pipeline.errors import PipelineError
+from pipeline.retry import describe, retrying
 
 log = logging.getLogger(__name__)
 
 STORAGE_ENV = "OPTUNA_STORAGE"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+CANDIDATE_TAG = "optuna.parent_candidate"  # on every worker's candidate for the parent run
 MAX_RETRIES = 3  # times a failed trial's values are queued again
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -95,19 +97,13 @@ class Storage(optuna.storages.RDBStorage):
     def __init__(self, url: str, retry_seconds: float, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self.url = url
-        self.retrying = tenacity.Retrying(
+        self.retrying = retrying(
+            f"Optuna storage {redacted(url)}",
             retry=tenacity.retry_if_exception_type(optuna.exceptions.StorageInternalError),
             stop=tenacity.stop_after_delay(retry_seconds),
-            wait=tenacity.wait_exponential(multiplier=0.5, max=10),
-            before_sleep=self._log_retry,
-            reraise=True,
+            first_wait=0.5,
+            max_wait=10,
         )
-
-    def _log_retry(self, state: tenacity.RetryCallState) -> None:
-        log.warning(
-            "Optuna storage %s: %s; retrying in %.1f s",
-            redacted(self.url), _outcome_error(state), state.upcoming_sleep,
-        )  # fmt: skip
 
     def _retried(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.retrying.copy()(call, *args, **kwargs)
@@ -154,17 +150,10 @@ def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
 
     A refused password is not worth waiting for: it fails at once."""
     url = storage_url(params)
-    retrying = tenacity.Retrying(
+    waiting = retrying(
+        f"Optuna storage {redacted(url)} unreachable",
         retry=tenacity.retry_if_exception(lambda error: "authentication failed" not in str(error)),
         stop=tenacity.stop_after_delay(params.connect_seconds),
-        wait=tenacity.wait_exponential(multiplier=1, max=15),
-        before_sleep=lambda state: log.warning(
-            "Optuna storage %s unreachable (%s); retrying in %.0f s",
-            redacted(url),
-            _outcome_error(state),
-            state.upcoming_sleep,
-        ),
-        reraise=True,
     )
 
     def attempt() -> tuple[optuna.Study, Storage]:
@@ -180,10 +169,10 @@ def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
         return study, storage
 
     try:
-        return retrying(attempt)
+        return waiting(attempt)
     except Exception as error:  # SQLAlchemy and driver errors vary; name the URL and cause
         raise PipelineError(
-            f"cannot open Optuna storage {redacted(url)} ({first_line(error)}); gave up after "
+            f"cannot open Optuna storage {redacted(url)} ({describe(error)}); gave up after "
             f"tune.connect_seconds = {params.connect_seconds} s. Check that the database "
             f"is up and reachable and its credentials are right, or set {STORAGE_ENV}"
         ) from None
@@ -195,18 +184,24 @@ def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> 
     A worker that finds none creates a candidate run and records it as a trial of the small
     study `<study>:mlflow-parent`. Optuna numbers a study's trials one at a time, each trial
     stored whole with its attributes, so the candidate in trial 0 is the parent for every
-    worker, and the others delete theirs. A worker that fails or dies at any point leaves at
-    most an unused candidate behind; it never blocks the workers after it.
+    worker, and each other worker deletes its own. A worker that fails or dies at any point
+    leaves at most an unused candidate behind (settle deletes it later); it never blocks the
+    workers after it.
     """
     claims = optuna.create_study(
         storage=storage, study_name=f"{study.study_name}:mlflow-parent", load_if_exists=True
     )
     recorded = claims.get_trials(deepcopy=False)
+    candidate = None
     if not recorded:
         candidate = tracking.create_run(
             params.mlflow.experiment,
             run_name=f"sweep-{study.study_name}",
-            tags={"optuna.study": study.study_name, "optuna.storage": redacted(storage.url)},
+            tags={
+                "optuna.study": study.study_name,
+                "optuna.storage": redacted(storage.url),
+                CANDIDATE_TAG: "true",
+            },
             params=params,
         )
         claims.add_trial(
@@ -215,32 +210,45 @@ def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> 
             )
         )
         recorded = claims.get_trials(deepcopy=False)
-        winner = str(min(recorded, key=lambda claim: claim.number).user_attrs["run_id"])
-        if winner != candidate:
-            tracking.delete_run(candidate)
     winner = str(min(recorded, key=lambda claim: claim.number).user_attrs["run_id"])
+    if candidate is not None and candidate != winner:
+        tracking.delete_runs(params.mlflow.experiment, f"attributes.run_id = '{candidate}'")
     if study.user_attrs.get(PARENT_RUN_ATTR) != winner:  # shown beside the study, for users
         study.set_user_attr(PARENT_RUN_ATTR, winner)
     return winner
 
 
-def settle(study: optuna.Study, storage: Storage, params: TuneParams) -> None:
+def candidates_of(study: optuna.Study) -> str:
+    """An MLflow filter for the study's parent-run candidates."""
+    return f"tags.`{CANDIDATE_TAG}` = 'true' and tags.`optuna.study` = '{study.study_name}'"
+
+
+def settle(study: optuna.Study, storage: Storage, params: Params, parent_run_id: str) -> None:
     """Once this worker starts no more trials: ends what a dead worker left behind.
 
     Waits (at most grace_seconds and two heartbeats) while trials are RUNNING, failing those
     whose heartbeat stopped; a live worker's trial simply finishes meanwhile, or is left to it.
-    A retry still WAITING in a full study is not needed: it is failed with that reason.
+    A retry still WAITING in a full study is not needed: it is failed with that reason. Parent
+    run candidates left by a worker that died before deleting its own are deleted, once they
+    are grace_seconds old (a younger one may belong to a worker that is still deciding).
     """
-    deadline = time.monotonic() + params.grace_seconds + 2 * params.heartbeat_seconds
+    tune = params.tune
+    created_before = int((time.time() - tune.grace_seconds) * 1000)
+    tracking.delete_runs(
+        params.mlflow.experiment,
+        f"{candidates_of(study)} and attributes.start_time < {created_before}",
+        keep=parent_run_id,
+    )
+    deadline = time.monotonic() + tune.grace_seconds + 2 * tune.heartbeat_seconds
     running = (optuna.trial.TrialState.RUNNING,)
     while study.get_trials(deepcopy=False, states=running) and time.monotonic() < deadline:
         optuna.storages.fail_stale_trials(study)
-        time.sleep(min(params.heartbeat_seconds, 5))
+        time.sleep(min(tune.heartbeat_seconds, 5))
     for failed in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         run_id = failed.user_attrs.get("mlflow_run_id")
         if run_id:  # left RUNNING when the tracking server was away as its trial failed
             tracking.end_failed_run(run_id, failed.user_attrs.get("fail_reason") or "failed")
-    if finished_trials(study) < params.n_trials:
+    if finished_trials(study) < tune.n_trials:
         return
     study_id = storage.get_study_id_from_name(study.study_name)
     for waiting in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
@@ -248,7 +256,7 @@ def settle(study: optuna.Study, storage: Storage, params: TuneParams) -> None:
             continue  # queued by hand: not ours to drop
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
         if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING):  # ours now
-            reason = f"not needed: the study already has its {params.n_trials} trials"
+            reason = f"not needed: the study already has its {tune.n_trials} trials"
             storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
 
@@ -260,16 +268,3 @@ def redacted(url: str) -> str:
     scheme, rest = url.split("://", 1)
     credentials, host = rest.rsplit("@", 1)
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-
-
-def first_line(error: BaseException | None) -> str:
-    """`Type: first line of the message`, cut to 300 characters."""
-    if error is None:
-        return "unknown error"
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _outcome_error(state: tenacity.RetryCallState) -> str:
-    error = state.outcome.exception() if state.outcome else None
-    return first_line(error if isinstance(error, BaseException) else None)

@@ -29,6 +29,7 @@ import mlflow
 import mlflow.tensorflow
 import numpy as np
 import requests
+import tenacity
 import yaml
 from mlflow import MlflowClient
 from mlflow.data.numpy_dataset import from_numpy
@@ -40,6 +41,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from pipeline.config import Params, flatten, to_plain
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
+from pipeline.retry import describe, retrying
 
 log = logging.getLogger(__name__)
 
@@ -244,25 +246,22 @@ def wait_for_store(seconds: float) -> None:
     uri = os.environ.get(TRACKING_URI_ENV, "")
     if not uri.startswith(("http://", "https://")):
         return
-    deadline = time.monotonic() + seconds
-    wait = 1.0
-    while True:
-        try:
-            response = requests.get(f"{uri.rstrip('/')}/health", timeout=10)
-            if response.ok:
-                return
-            cause = f"HTTP {response.status_code} {response.reason}"
-        except requests.RequestException as error:
-            cause = f"{type(error).__name__}: {str(error)[:200]}"
-        if time.monotonic() + wait > deadline:
-            raise PipelineError(
-                f"MLflow tracking server {uri} unreachable ({cause}); gave up after "
-                f"{seconds:.0f} s. Check that it is running, or unset {TRACKING_URI_ENV} to use "
-                "the local store"
-            )
-        log.warning("MLflow server %s unreachable (%s); retrying in %.0f s", uri, cause, wait)
-        time.sleep(wait)
-        wait = min(wait * 2, 15)
+
+    def healthy() -> None:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+
+    try:
+        retrying(
+            f"MLflow server {uri} unreachable",
+            retry=tenacity.retry_if_exception_type(requests.RequestException),
+            stop=tenacity.stop_after_delay(seconds),
+        )(healthy)
+    except requests.RequestException as error:
+        raise PipelineError(
+            f"MLflow tracking server {uri} unreachable ({describe(error)}); gave up after "
+            f"{seconds:.0f} s. Check that it is running, or unset {TRACKING_URI_ENV} to use "
+            "the local store"
+        ) from None
 
 
 @uninterrupted
@@ -349,8 +348,19 @@ def end_failed_run(run_id: str, reason: str) -> None:
 
 
 @uninterrupted
-def delete_run(run_id: str) -> None:
-    MlflowClient().delete_run(run_id)
+def delete_runs(experiment: str, filter_string: str, keep: str | None = None) -> None:
+    """Deletes the runs of `experiment` that match `filter_string`, except `keep`. A user not
+    allowed to delete them (MLflow's basic auth) gets a warning: they are only clutter."""
+    client = MlflowClient()
+    try:
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id], filter_string) if found else []
+        for run in runs:
+            if run.info.run_id != keep:
+                client.delete_run(run.info.run_id)
+                log.info("deleted MLflow run %s (%s)", run.info.run_id, filter_string)
+    except MlflowException as error:
+        log.warning("could not delete runs where %s: %s", filter_string, describe(error))
 
 
 @uninterrupted

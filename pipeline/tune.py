@@ -39,12 +39,12 @@ from pipeline.config import (
 )
 from pipeline.dataset import split_files
 from pipeline.errors import PipelineError
+from pipeline.retry import describe
 from pipeline.study import (
     FINISHED_STATES,
     Retry,
     Storage,
     finished_trials,
-    first_line,
     open_study,
     redacted,
     settle,
@@ -115,7 +115,7 @@ class Objective:
             raise TrackingUnavailable(
                 f"MLflow tracking store {tracking.tracking_uri()} failed past its retries "
                 f"(about tune.connect_seconds = {self.params.tune.connect_seconds} s): "
-                f"{first_line(error)}; this worker stops"
+                f"{describe(error)}; this worker stops"
             ) from None
 
     def run(self, trial: optuna.Trial) -> float:
@@ -323,14 +323,14 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
                 gc_after_trial=True,
             )  # fmt: skip
         except optuna.exceptions.StorageInternalError as error:
-            objective.abandon(f"its result could not be stored: {first_line(error)}")
-            log.warning("Optuna storage %s: %s", redacted(storage.url), first_line(error))
+            objective.abandon(f"its result could not be stored: {describe(error)}")
+            log.warning("Optuna storage %s: %s", redacted(storage.url), describe(error))
             try:
                 storage.get_study_id_from_name(study.study_name)  # waits up to connect_seconds
             except optuna.exceptions.StorageInternalError as lasting:
                 raise PipelineError(
                     f"Optuna storage {redacted(storage.url)} unusable for tune.connect_seconds = "
-                    f"{tune.connect_seconds} s ({first_line(lasting)}); this worker stops"
+                    f"{tune.connect_seconds} s ({describe(lasting)}); this worker stops"
                 ) from None
         except (KeyboardInterrupt, TrackingUnavailable):
             requeue(study, objective.number, tune.n_trials)
@@ -375,7 +375,7 @@ def sweep(params: Params) -> dict[str, Any]:
             run_trials(study, storage, params, parent_run_id)
         else:
             log.info("study %r already has %d trials; nothing to run", study.study_name, done)
-        settle(study, storage, tune)
+        settle(study, storage, params, parent_run_id)
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise PipelineError(
                 f"study {study.study_name!r} has no complete trial yet; "

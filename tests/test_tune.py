@@ -14,6 +14,7 @@ import optuna
 import pytest
 import yaml
 
+from pipeline.config import update_params_file
 from pipeline.handback import apply_best
 from tests.conftest import (
     copy_project,
@@ -128,6 +129,17 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
 
     again = run(["dvc", "repro", "sweep/dvc.yaml"], project, **env)
     assert again.returncode == 0 and "Running stage" not in again.stdout
+    # Where the study is stored and how long workers wait do not make the sweep stale.
+    original = (project / "params.yaml").read_text()
+    operational = {
+        "tune.heartbeat_seconds": 2, "tune.grace_seconds": 30, "tune.connect_seconds": 5,
+        "tune.timeout": 600, "tune.storage": "sqlite:///elsewhere.db",
+    }  # fmt: skip
+    for key, value in operational.items():
+        update_params_file(project / "params.yaml", {key: value})
+        status = run(["dvc", "status", "sweep/dvc.yaml", "--json"], project, **env)
+        assert json.loads(status.stdout) == {}, (key, status.stdout)
+        (project / "params.yaml").write_text(original)
     direct = run(["python", "-m", "pipeline.tune"], project, **env)
     assert direct.returncode == 0, direct.stderr
     assert "already has 3 trials; nothing to run" in direct.stderr
@@ -261,3 +273,35 @@ def test_the_best_values_go_into_params_yaml_keeping_everything_else(tmp_path: P
     best.replace(project / "sweep/best_params.yaml")
     result = run(["python", "-m", "pipeline.handback"], project)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_worker_that_died_while_creating_the_parent_run_blocks_nobody(tmp_path: Path) -> None:
+    """One worker died after recording its parent-run claim, another before recording its
+    candidate: the next worker takes the claimed run as the parent and creates none."""
+    from mlflow import MlflowClient
+
+    project, env = sweep_project(tmp_path, n_trials=1, epochs=1)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.create_experiment(
+        "cifar10-cnn", artifact_location=(project / "mlruns").as_uri()
+    )
+    claimed, orphan = (
+        client.create_run(
+            experiment, run_name=f"sweep-{STUDY}",
+            tags={"optuna.study": STUDY, "optuna.parent_candidate": "true"},
+        ).info.run_id
+        for _ in range(2)
+    )  # fmt: skip
+    claims = optuna.create_study(
+        storage=f"sqlite:///{project / 'optuna.db'}", study_name=f"{STUDY}:mlflow-parent"
+    )
+    claims.add_trial(
+        optuna.trial.create_trial(state=State.COMPLETE, value=0.0, user_attrs={"run_id": claimed})
+    )
+    result = run(["python", "-m", "pipeline.tune"], project, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, parents, children = mlflow_runs(project)
+    assert [p.info.run_id for p in parents] == [claimed]
+    assert client.get_run(orphan).info.lifecycle_stage == "deleted"
+    assert [c.data.tags["mlflow.parentRunId"] for c in children] == [claimed]
+    assert load(project).user_attrs["mlflow_parent_run_id"] == claimed
