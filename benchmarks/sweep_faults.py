@@ -53,6 +53,9 @@ from tests.conftest import (  # noqa: E402 - the tests' servers and project copy
 
 RESULTS = Path(__file__).parent / "results"
 WORKERS = 3
+# Faults land between these seconds after the workers start: a clean round takes about 35 s here,
+# the first 10 of them starting up (TensorFlow's import, the study, the parent run).
+FAULTS_FROM, FAULTS_UNTIL = 8, 30
 ROUND_LIMIT = 900  # seconds: a round still running then did not end by itself
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 TUNE = {  # a small real-data sweep: 6 trials of 2 epochs on 2% of the training split
@@ -152,7 +155,7 @@ def one_round(
         rng = random.Random(seed)
         kinds = ["kill_worker", "kill_trial_process", "restart_mlflow", "restart_postgres"]
         rng.shuffle(kinds)
-        times = sorted(rng.uniform(15, 60) for _ in kinds)
+        times = sorted(rng.uniform(FAULTS_FROM, FAULTS_UNTIL) for _ in kinds)
         for kind, after in zip(kinds, times, strict=True):
             thread = threading.Thread(
                 target=inject, daemon=True,
@@ -200,10 +203,13 @@ def main() -> None:
         try:
             project = copy_project(Path(tmp) / "project")
             prepare(project, args.archive)
-            clean = [one_round(i, False, args.seed + i, project, postgres, server, client)
-                     for i in range(args.clean_rounds)]  # fmt: skip
-            faulty = [one_round(i, True, args.seed + i, project, postgres, server, client)
-                      for i in range(args.rounds)]  # fmt: skip
+            clean, faulty = [], []
+            for i in range(args.rounds):  # alternated, so both kinds see the same machine load
+                if i < args.clean_rounds:
+                    clean.append(
+                        one_round(i, False, args.seed + i, project, postgres, server, client)
+                    )
+                faulty.append(one_round(i, True, args.seed + i, project, postgres, server, client))
         finally:
             server.stop()
             postgres.stop()

@@ -90,6 +90,34 @@ def test_dvc_repro_runs_the_five_stages_then_nothing(
     assert {"Loss", "Accuracy", "Confusion matrix (test)"} <= set(shown)
 
 
+def test_a_key_reruns_only_the_stages_that_read_it(
+    repro: tuple[Path, dict[str, str], str],
+) -> None:
+    """Operational settings (how to fetch the archive) rerun nothing; the registry's names rerun
+    evaluate alone, never a 26-minute training; a training key reruns train."""
+    from pipeline.config import update_params_file
+
+    project, env, _ = repro
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    expected = {
+        "data.timeout": (61, set()),
+        "data.retries": (9, set()),
+        "mlflow.champion_alias": ("best", {"evaluate"}),
+        "mlflow.registered_model": ("another-name", {"evaluate"}),
+        "train.epochs": (3, {"train"}),
+    }
+    try:
+        for key, (value, stale) in expected.items():
+            update_params_file(params_file, {key: value})
+            status = run(["dvc", "status", "--json", "dvc.yaml"], project, **env)
+            assert status.returncode == 0, status.stderr
+            assert set(json.loads(status.stdout)) == stale, (key, status.stdout)
+            params_file.write_text(original)
+    finally:
+        params_file.write_text(original)
+
+
 def test_the_mlflow_run_holds_params_metrics_tags_inputs_artifacts(
     repro: tuple[Path, dict[str, str], str],
 ) -> None:
