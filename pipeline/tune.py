@@ -140,7 +140,7 @@ class Objective:
             self.unstored_run_id = run.info.run_id
             tracking.log_params(params)
             tracking.set_tags({"optuna.state": "RUNNING"})
-            test_pause("start", trial.number)
+            pause_for_fault_tests("start", trial.number)
             job = TrialJob(
                 params, trial.number, tracking.tracking_uri(), run.info.run_id, os.getcwd()
             )
@@ -172,7 +172,7 @@ class Objective:
                 raise RuntimeError(f"trial {trial.number} failed in its process:\n{outcome.reason}")
             tracking.set_tags({"optuna.state": "COMPLETE"})
             tracking.log_summary({"objective_val_accuracy": outcome.value})
-        test_pause("store", trial.number)
+        pause_for_fault_tests("store", trial.number)
         return outcome.value
 
     def judge(self, trial: optuna.Trial, epoch: Epoch) -> bool:
@@ -197,7 +197,7 @@ class Objective:
             self.unstored_run_id = None
 
 
-def test_pause(point: str, number: int) -> None:
+def pause_for_fault_tests(point: str, number: int) -> None:
     """Pauses where PIPELINE_TEST_PAUSE says (fault-injection tests kill the worker there)."""
     name, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition("=")
     if name == point:

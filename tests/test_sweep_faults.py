@@ -77,6 +77,13 @@ class Sweep:
             time.sleep(0.2)
         raise AssertionError(f"no trial {what} within 240 s")
 
+    def in_fit(self) -> optuna.trial.FrozenTrial:
+        """Polls until a running trial has reported an epoch: it is in the middle of `fit`."""
+        return self.wait_for(
+            lambda t: t.state == State.RUNNING and (t.user_attrs.get("epochs") or 0) >= 1,
+            "in its second epoch",
+        )
+
     def worker_of(self, trial: optuna.trial.FrozenTrial) -> subprocess.Popen[str]:
         pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
         return next(w for w in self.workers if w.pid == pid)
@@ -197,10 +204,7 @@ def test_a_worker_killed_as_its_trial_starts(shared: Callable[..., Sweep]) -> No
 def test_a_worker_killed_during_fit(shared: Callable[..., Sweep]) -> None:
     sweep = shared()
     sweep.start(3)
-    doomed = sweep.wait_for(
-        lambda t: t.state == State.RUNNING and (t.user_attrs.get("epochs") or 0) >= 1,
-        "in its second epoch",
-    )
+    doomed = sweep.in_fit()
     victim = sweep.worker_of(doomed)
     output = kill_a_worker_and_check(sweep, victim, doomed.number)
     assert output.count("its sweep worker is gone; the trial stops") == 1, output[-3000:]
@@ -223,10 +227,7 @@ def test_a_killed_trial_process_fails_its_trial_and_the_worker_goes_on(
 ) -> None:
     sweep = shared()
     sweep.start(3)
-    doomed = sweep.wait_for(
-        lambda t: t.state == State.RUNNING and (t.user_attrs.get("epochs") or 0) >= 1,
-        "in its second epoch",
-    )
+    doomed = sweep.in_fit()
     os.kill(doomed.user_attrs["process"], signal.SIGKILL)  # as the out-of-memory killer would
     outputs = sweep.finish()
     assert all(worker.returncode == 0 for worker in sweep.workers), outputs
@@ -239,7 +240,7 @@ def test_a_killed_trial_process_fails_its_trial_and_the_worker_goes_on(
 def test_postgres_restarted_mid_sweep(shared: Callable[..., Sweep], postgres: Postgres) -> None:
     sweep = shared()
     sweep.start(3)
-    sweep.wait_for(lambda t: (t.user_attrs.get("epochs") or 0) >= 1, "in its second epoch")
+    sweep.in_fit()
     postgres.restart()
     outputs = sweep.finish()
     assert all(worker.returncode == 0 for worker in sweep.workers), outputs
@@ -251,7 +252,7 @@ def test_the_mlflow_server_away_for_15_seconds(
 ) -> None:
     sweep = shared(n_trials=4, epochs=6)
     sweep.start(3)
-    sweep.wait_for(lambda t: (t.user_attrs.get("epochs") or 0) >= 1, "in its second epoch")
+    sweep.in_fit()
     mlflow_server.restart_after(15)
     outputs = sweep.finish()
     assert all(worker.returncode == 0 for worker in sweep.workers), outputs
@@ -263,7 +264,7 @@ def test_the_mlflow_server_away_too_long_stops_workers_in_one_line(
 ) -> None:
     sweep = shared(n_trials=4, epochs=6, connect_seconds=4)
     sweep.start(3)
-    sweep.wait_for(lambda t: (t.user_attrs.get("epochs") or 0) >= 1, "in its second epoch")
+    sweep.in_fit()
     mlflow_server.restart_after(30)
     outputs = sweep.finish()
     stopped = [out for worker, out in zip(sweep.workers, outputs.values(), strict=True)
@@ -283,10 +284,7 @@ def test_sigterm_fails_the_trial_for_the_others_and_ends_its_run_killed(
 ) -> None:
     sweep = shared()
     sweep.start(3)
-    doomed = sweep.wait_for(
-        lambda t: t.state == State.RUNNING and (t.user_attrs.get("epochs") or 0) >= 1,
-        "in its second epoch",
-    )
+    doomed = sweep.in_fit()
     victim = sweep.worker_of(doomed)
     victim.send_signal(signal.SIGTERM)
     assert victim.wait(timeout=15) == 130
