@@ -1,6 +1,8 @@
 """`python -m pipeline.handback`: the sweep's best values (paths.best_params) into params.yaml.
 
-Only the tuned keys change; comments and layout stay. The next `dvc repro` then trains and
+Only the tuned keys change, rounded to three significant figures (a sweep's 0.06791612352895975
+is 0.0679 to anyone reading params.yaml, and no trial measures the difference); comments and
+layout stay. The next `dvc repro` then trains and
 evaluates exactly that configuration, and `dvc params diff` shows what moved.
 """
 
@@ -20,8 +22,13 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
+def rounded(value: Any) -> Any:
+    """A float to three significant figures; anything else as it is."""
+    return float(f"{value:.3g}") if isinstance(value, float) else value
+
+
 def apply_best(params_file: Path, best_file: Path) -> dict[str, Any]:
-    """Sets the tuned keys of `params_file` to the values in `best_file`; returns them.
+    """Sets the tuned keys of `params_file` to the values in `best_file`, rounded; returns them.
 
     update_params_file refuses a key params.yaml lacks or a value out of range, naming it."""
     try:
@@ -35,6 +42,7 @@ def apply_best(params_file: Path, best_file: Path) -> dict[str, Any]:
     numbers = [v for v in values.values() if isinstance(v, float)]
     if not values or not all(math.isfinite(number) for number in numbers):
         raise PipelineError(f"{best_file}: no usable values under 'params'")
+    values = {name: rounded(value) for name, value in values.items()}
     update_params_file(params_file, values)
     return values
 

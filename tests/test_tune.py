@@ -241,9 +241,9 @@ def test_the_best_values_go_into_params_yaml_keeping_everything_else(tmp_path: P
     before = (project / "params.yaml").read_text()
     best = tmp_path / "best.yaml"
     values = {
-        "train.learning_rate": 0.0421,
+        "train.learning_rate": 0.04213987,
         "train.momentum": 0.87,
-        "model.conv_dropout": 0.125,
+        "model.conv_dropout": 0.0001254991,
         "model.dense_dropout": 0.33,
     }
     best.write_text(
@@ -256,8 +256,9 @@ def test_the_best_values_go_into_params_yaml_keeping_everything_else(tmp_path: P
     ]
     assert len(changed) == 4
     for old, new in changed:
-        assert old.split("#")[1:] == new.split("#")[1:]  # the comment stays
-    assert "  learning_rate: 0.0421" in after and "  dense_dropout: 0.33" in after
+        assert old.split("#")[1:] == new.split("#")[1:]  # the comment stays, where it was
+        assert old.find("#") == new.find("#")
+    assert "  learning_rate: 0.0421 " in after and "  conv_dropout: 0.000125 " in after
     assert after.count("#") == before.count("#")
     diff = run(["dvc", "params", "diff", "--json"], project)
     assert diff.returncode == 0, diff.stderr
@@ -265,7 +266,7 @@ def test_the_best_values_go_into_params_yaml_keeping_everything_else(tmp_path: P
     old_rate = yaml.safe_load(before)["train"]["learning_rate"]
     assert (moved["train.learning_rate"]["old"], moved["train.learning_rate"]["new"]) == (
         old_rate,
-        0.0421,
+        0.0421,  # three significant figures
     )
     assert set(moved) == set(values)
     # The handback module is the same code path, driven by paths.best_params.
