@@ -318,7 +318,7 @@ def test_mixed_bfloat16_computes_in_bfloat16_and_saves_a_float32_model(
 ) -> None:
     from pipeline.model import portable, with_precision
 
-    params = small(params_dict, precision="mixed_bfloat16", epochs=3, learning_rate=0.05)
+    params = small(params_dict, precision="mixed_bfloat16", epochs=6, learning_rate=0.01)
     untrained = build_model(params.model)
     model = with_precision(untrained, params.model, "mixed_bfloat16")
     conv = model.get_layer("conv1b")
