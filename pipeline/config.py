@@ -1,24 +1,32 @@
-"""Reads params.yaml into typed, frozen objects; the only module that reads params.yaml.
+"""Reads params.yaml into frozen pydantic models; the only module that reads params.yaml.
 
 Every key is required (no defaults hide here: params.yaml is the single source of truth), unknown
-keys are refused, and each value is checked for type and range. Errors name the dotted key, the
-value found and what is allowed.
+keys are refused, and each value is checked for type and range. An error is one line naming the
+dotted key, the value found and what is allowed.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
-import re
-import types
-import typing
-from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from pipeline.errors import PipelineError
 
@@ -31,119 +39,100 @@ class ParamsError(PipelineError):
     """params.yaml has a missing or unknown key, a wrong type or an out-of-range value."""
 
 
-Check = tuple[Callable[[Any], bool], str]
+def _yaml_number(value: Any) -> Any:
+    """PyYAML reads `1e-6` (no dot) as a string; it is a number to anyone writing params.yaml."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
-def check(predicate: Callable[[Any], bool], allowed: str) -> dict[str, Check]:
-    """Field metadata: a range rule and its wording in error messages."""
-    return {"check": (predicate, allowed)}
+def _relative_path(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a relative path")
+    return Path(value)
 
 
-def positive() -> dict[str, Check]:
-    return check(lambda v: v > 0, "a number > 0")
+# Strict: true is not 1, "5" is not 5; floats also take integers and YAML's dotless exponents.
+Number = Annotated[float, BeforeValidator(_yaml_number), Field(strict=True, allow_inf_nan=False)]
+Int = StrictInt
+Name = Annotated[StrictStr, Field(pattern=r"\S")]
+Fraction = Annotated[Number, Field(ge=0, lt=1)]  # dropout rates and the like
+RelativePath = Annotated[Path, BeforeValidator(_relative_path)]
 
 
-def non_negative() -> dict[str, Check]:
-    return check(lambda v: v >= 0, "a number >= 0")
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def fraction() -> dict[str, Check]:
-    """For dropout rates and the like: 0 <= value < 1."""
-    return check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+class PathsParams(Section):
+    archive: RelativePath
+    prepared: RelativePath
+    data_report: RelativePath
+    untrained_model: RelativePath
+    model_summary: RelativePath
+    model: RelativePath
+    checkpoint: RelativePath
+    run_info: RelativePath
+    history: RelativePath
+    train_metrics: RelativePath
+    test_metrics: RelativePath
+    confusion: RelativePath
+    plots: RelativePath
+    best_params: RelativePath
+    trials: RelativePath
+    sweep_plots: RelativePath
 
 
-# --- the sections of params.yaml ------------------------------------------------------------
+class DataParams(Section):
+    url: Name
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")] | None
+    timeout: Annotated[Number, Field(gt=0)]
+    retries: Annotated[Int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class PathsParams:
-    archive: Path
-    prepared: Path
-    data_report: Path
-    untrained_model: Path
-    model_summary: Path
-    model: Path
-    checkpoint: Path
-    run_info: Path
-    history: Path
-    train_metrics: Path
-    test_metrics: Path
-    confusion: Path
-    plots: Path
-    best_params: Path
-    trials: Path
-    sweep_plots: Path
+class PreprocessParams(Section):
+    validation_size: Annotated[Int, Field(gt=0, lt=CIFAR10_TRAIN_IMAGES)]
+    seed: Annotated[Int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class DataParams:
-    url: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty URL or path"))
-    sha256: str | None = field(
-        metadata=check(
-            lambda v: v is None or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
-            "null or 64 lowercase hex digits",
-        )
-    )
-    timeout: float = field(metadata=positive())
-    retries: int = field(metadata=non_negative())
-
-
-@dataclass(frozen=True)
-class PreprocessParams:
-    validation_size: int = field(
-        metadata=check(
-            lambda v: 0 < v < CIFAR10_TRAIN_IMAGES,
-            f"an integer in [1, {CIFAR10_TRAIN_IMAGES - 1}] (the training set has "
-            f"{CIFAR10_TRAIN_IMAGES:,} images)",
-        )
-    )
-    seed: int = field(metadata=non_negative())
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    conv_filters: tuple[int, ...] = field(
-        metadata=check(lambda v: len(v) >= 1 and all(f > 0 for f in v), "a list of integers > 0")
-    )
-    dense_units: int = field(metadata=positive())
-    conv_dropout: float = field(metadata=fraction())
-    dense_dropout: float = field(metadata=fraction())
+class ModelParams(Section):
+    conv_filters: Annotated[tuple[Annotated[Int, Field(gt=0)], ...], Field(min_length=1)]
+    dense_units: Annotated[Int, Field(gt=0)]
+    conv_dropout: Fraction
+    dense_dropout: Fraction
     pixel_scale: Literal["unit", "symmetric"]
     kernel_initializer: Literal["glorot_uniform", "he_normal", "he_uniform"]
-    init_seed: int = field(metadata=non_negative())
+    init_seed: Annotated[Int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    flip: bool
-    translate: float = field(metadata=check(lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"))
-    cutout: int = field(metadata=check(lambda v: 0 <= v <= 32, "an integer in [0, 32] (pixels)"))
+class AugmentParams(Section):
+    flip: StrictBool
+    translate: Annotated[Number, Field(ge=0, le=0.5)]
+    cutout: Annotated[Int, Field(ge=0, le=32)]  # pixels
 
 
-Schedule = Literal["time_decay", "step", "cosine", "one_cycle"]
-Precision = Literal["float32", "mixed_bfloat16"]
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: int = field(metadata=positive())
-    batch_size: int = field(metadata=positive())
-    learning_rate: float = field(metadata=positive())
-    base_batch_size: int | None = field(metadata=positive())
-    momentum: float = field(metadata=fraction())
-    nesterov: bool
-    schedule: Schedule
-    decay: float = field(metadata=non_negative())
-    step_epochs: int = field(metadata=positive())
-    step_factor: float = field(metadata=check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
-    warmup_epochs: float = field(metadata=non_negative())
-    weight_decay: float = field(metadata=non_negative())
-    label_smoothing: float = field(metadata=fraction())
-    precision: Precision
-    seed: int = field(metadata=non_negative())
-    deterministic: bool
+class TrainParams(Section):
+    epochs: Annotated[Int, Field(gt=0)]
+    batch_size: Annotated[Int, Field(gt=0)]
+    learning_rate: Annotated[Number, Field(gt=0)]
+    base_batch_size: Annotated[Int, Field(gt=0)] | None
+    momentum: Fraction
+    nesterov: StrictBool
+    schedule: Literal["time_decay", "step", "cosine", "one_cycle"]
+    decay: Annotated[Number, Field(ge=0)]
+    step_epochs: Annotated[Int, Field(gt=0)]
+    step_factor: Annotated[Number, Field(gt=0, le=1)]
+    warmup_epochs: Annotated[Number, Field(ge=0)]
+    weight_decay: Annotated[Number, Field(ge=0)]
+    label_smoothing: Fraction
+    precision: Literal["float32", "mixed_bfloat16"]
+    seed: Annotated[Int, Field(ge=0)]
+    deterministic: StrictBool
     distribute: Literal["none", "mirrored"]
-    restore_best: bool
+    restore_best: StrictBool
     augment: AugmentParams
 
     @property
@@ -153,81 +142,87 @@ class TrainParams:
             return self.learning_rate
         return self.learning_rate * self.batch_size / self.base_batch_size
 
-    def problem(self) -> str | None:
+    @model_validator(mode="after")
+    def _warmup_leaves_epochs_to_anneal(self) -> TrainParams:
         if self.schedule in ("cosine", "one_cycle") and self.warmup_epochs >= self.epochs:
-            return (
+            raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}): "
                 f"the {self.schedule} schedule needs epochs left to anneal"
             )
-        return None
+        return self
 
 
-@dataclass(frozen=True)
-class MlflowParams:
-    experiment: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty name"))
-    registered_model: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty name"))
-    champion_alias: str = field(
-        metadata=check(lambda v: re.fullmatch(r"[A-Za-z_][\w-]*", v) is not None, "an alias name")
-    )
+class MlflowParams(Section):
+    experiment: Name
+    registered_model: Name
+    champion_alias: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][\w-]*$")]
 
 
-@dataclass(frozen=True)
-class RangeParams:
+class RangeParams(Section):
     """A search range for one hyperparameter: floats, or integers when the tuned key holds one."""
 
-    low: float
-    high: float
-    log: bool  # sample uniformly on a log scale (for learning rates)
+    low: Number
+    high: Number
+    log: StrictBool  # sample uniformly on a log scale (for learning rates)
 
-    def problem(self) -> str | None:
+    @model_validator(mode="after")
+    def _a_real_range(self) -> RangeParams:
         if self.low >= self.high:
-            return f"low ({self.low}) must be below high ({self.high})"
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
-            return f"low ({self.low}) must be > 0 on a log scale"
-        return None
+            raise ValueError(f"low ({self.low}) must be > 0 on a log scale")
+        return self
 
 
-@dataclass(frozen=True)
-class ChoiceParams:
+class ChoiceParams(Section):
     """Values to choose from: a schedule, a switch, a few sizes."""
 
-    choices: tuple[object, ...] = field(metadata=check(lambda v: len(v) >= 1, "a non-empty list"))
+    choices: Annotated[
+        tuple[StrictBool | StrictInt | StrictFloat | StrictStr | None, ...], Field(min_length=1)
+    ]
 
 
-Dimension = RangeParams | ChoiceParams
+def _dimension_kind(value: Any) -> str:
+    return "<choices>" if isinstance(value, Mapping) and "choices" in value else "<range>"
+
+
+# The tags are left out of the keys that errors name (see _key).
+Dimension = Annotated[
+    Annotated[RangeParams, Tag("<range>")] | Annotated[ChoiceParams, Tag("<choices>")],
+    Discriminator(_dimension_kind),
+]
 TUNABLE_SECTIONS = ("model", "train")  # data and preprocess define the data; tune, the sweep
 
 
-@dataclass(frozen=True)
-class TuneParams:
-    study_name: str = field(metadata=check(lambda v: v.strip() != "", "a non-empty name"))
-    storage: str = field(metadata=check(lambda v: "://" in v, "a database URL (sqlite:///...)"))
-    n_trials: int = field(metadata=positive())
-    timeout: float | None = field(metadata=positive())
-    epochs: int = field(metadata=positive())
-    train_fraction: float = field(metadata=check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+class TuneParams(Section):
+    study_name: Name
+    storage: Annotated[StrictStr, Field(pattern=r"^[\w+]+://")]  # a database URL: sqlite:///...
+    n_trials: Annotated[Int, Field(gt=0)]
+    timeout: Annotated[Number, Field(gt=0)] | None
+    epochs: Annotated[Int, Field(gt=0)]
+    train_fraction: Annotated[Number, Field(gt=0, le=1)]
     sampler: Literal["tpe", "random"]
-    seed: int = field(metadata=non_negative())
+    seed: Annotated[Int, Field(ge=0)]
     pruner: Literal["median", "successive_halving", "hyperband", "none"]
-    startup_trials: int = field(metadata=non_negative())
-    warmup_epochs: int = field(metadata=non_negative())
-    reduction_factor: int = field(metadata=check(lambda v: v >= 2, "an integer >= 2"))
-    heartbeat_seconds: int = field(metadata=positive())
-    grace_seconds: int = field(metadata=positive())
-    connect_seconds: int = field(metadata=positive())
-    space: dict[str, Dimension]  # by dotted params.yaml key: train.learning_rate, ...
+    startup_trials: Annotated[Int, Field(ge=0)]
+    warmup_epochs: Annotated[Int, Field(ge=0)]
+    reduction_factor: Annotated[Int, Field(ge=2)]
+    heartbeat_seconds: Annotated[Int, Field(gt=0)]
+    grace_seconds: Annotated[Int, Field(gt=0)]
+    connect_seconds: Annotated[Int, Field(gt=0)]
+    space: Annotated[dict[str, Dimension], Field(min_length=1)]  # by dotted key: train.momentum
 
-    def problem(self) -> str | None:
+    @model_validator(mode="after")
+    def _grace_outlasts_a_heartbeat(self) -> TuneParams:
         if self.grace_seconds <= self.heartbeat_seconds:
-            return (
+            raise ValueError(
                 f"grace_seconds ({self.grace_seconds}) must exceed heartbeat_seconds "
                 f"({self.heartbeat_seconds}), or live trials would be failed"
             )
-        return None
+        return self
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(Section):
     paths: PathsParams
     data: DataParams
     preprocess: PreprocessParams
@@ -236,50 +231,58 @@ class Params:
     mlflow: MlflowParams
     tune: TuneParams
 
+    def plain(self) -> dict[str, Any]:
+        """As YAML and MLflow take it: Paths as strings, tuples as lists."""
+        return self.model_dump(mode="json")
+
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data (for logging, hashing and MLflow params)."""
-        return to_plain(getattr(self, name))
+        return self.plain()[name]
 
-    def problem(self) -> str | None:
+    def flat(self) -> dict[str, Any]:
+        """By dotted key: {'train.learning_rate': 0.01, ...}."""
+        return flatten(self.plain())
+
+    @model_validator(mode="after")
+    def _space_is_tunable(self) -> Params:
         """Every tune.space key names a model or train param, and every value it can take is
-        one that param accepts."""
-        tree = to_plain(self)
+        one that param accepts, in the trial's own configuration as the sweep trains it."""
+        tree = self.plain()
         flat = flatten(tree)
         for dotted, dimension in self.tune.space.items():
             where = f"tune.space.{dotted}"
             section = dotted.split(".", 1)[0]
             if section not in TUNABLE_SECTIONS:
-                return f"{where}: only model.* and train.* params can be tuned"
+                raise ValueError(f"{where}: only model.* and train.* params can be tuned")
             if dotted not in flat:
-                return f"{where}: params.yaml has no key {dotted!r}"
+                raise ValueError(f"{where}: params.yaml has no key {dotted!r}")
             integer = isinstance(flat[dotted], int) and not isinstance(flat[dotted], bool)
             values: list[object]
             if isinstance(dimension, ChoiceParams):
                 values = list(dimension.choices)
             elif integer:
                 if not (dimension.low.is_integer() and dimension.high.is_integer()):
-                    return f"{where}: {dotted} is an integer, so low and high must be integers"
+                    raise ValueError(
+                        f"{where}: {dotted} is an integer, so low and high must be integers"
+                    )
                 values = [int(dimension.low), int(dimension.high)]
             else:
                 values = [dimension.low, dimension.high]
-            for value in values:  # in the trial's own configuration, as the sweep trains it
+            for value in values:
                 trial = copy.deepcopy(tree)
                 for key, changed in trial_values(self, {dotted: value}).items():
                     set_dotted(trial, key, changed, where)
+                model = ModelParams if section == "model" else TrainParams
                 try:
-                    _build(SECTIONS[section], trial[section], f"{section}.", "tune.space")
-                except ParamsError as error:
-                    reason = str(error).removeprefix("tune.space: ")
-                    return f"{where}: the value {value!r} is refused ({reason})"
-        return None
-
-
-SECTIONS: dict[str, type] = {"model": ModelParams, "train": TrainParams}
+                    model.model_validate(trial[section])
+                except ValidationError as error:
+                    reason = describe(error, (section,))
+                    refused = f"{where}: the value {value!r} is refused ({reason})"
+                    raise ValueError(refused) from None
+        return self
 
 
 # --- loading ----------------------------------------------------------------------------------
-
-T = TypeVar("T")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -292,6 +295,55 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    """Builds Params from a parsed YAML document (also used by tests to shrink the real one)."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(f"{source}: {describe(error)}") from None
+
+
+def describe(error: ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    """pydantic's first error in one line: the dotted key, the value found, what is allowed."""
+    errors = error.errors(include_url=False)
+    # A misspelt key is also a missing one: naming the misspelling says what to fix.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = (*prefix, *(str(part) for part in first["loc"] if not str(part).startswith("<")))
+    key = _key(loc)
+    kind, message = first["type"], first["msg"]
+    if kind == "value_error":  # a cross-field rule: its message says it all
+        reason = message.removeprefix("Value error, ")
+        return f"{key}: {reason}" if key else reason
+    if kind == "missing":
+        return f"missing key '{key}'"
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}'{_allowed(loc[:-1])}"
+    found = repr(first["input"])
+    if kind.endswith("_type"):  # a wrong type: say which one was found
+        found += f" ({type(first['input']).__name__})"
+    return f"{key or 'the top level'} = {found}: {message[:1].lower()}{message[1:]}"
+
+
+def _key(loc: tuple[str, ...]) -> str:
+    """('model', 'conv_filters', '1') -> 'model.conv_filters[1]'."""
+    return "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in loc).lstrip(".")
+
+
+def _allowed(loc: tuple[str, ...]) -> str:
+    """' (allowed in train.augment: flip, translate, cutout)', for the section at `loc`."""
+    model: Any = Params
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    fields = getattr(model, "model_fields", None)
+    if not fields:
+        return ""
+    return f" (allowed in {_key(loc) or 'the top level'}: {', '.join(fields)})"
+
+
+# --- changing values --------------------------------------------------------------------------
 
 
 def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
@@ -336,7 +388,7 @@ def set_dotted(tree: MutableMapping[str, Any], dotted: str, value: Any, source: 
 
 def with_values(params: Params, values: Mapping[str, Any], source: str = "overrides") -> Params:
     """`params` with dotted keys replaced ({'train.learning_rate': 0.05}), checked as a whole."""
-    tree = to_plain(params)
+    tree = params.plain()
     for dotted, value in values.items():
         set_dotted(tree, dotted, value, source)
     return params_from_dict(tree, source=source)
@@ -377,24 +429,6 @@ def load_recipe(name: str) -> dict[str, Any]:
     return dict(raw)
 
 
-def params_from_dict(raw: Any, source: str = "params") -> Params:
-    """Builds Params from a parsed YAML document (also used by tests to shrink the real one)."""
-    return _build(Params, raw, prefix="", source=source)
-
-
-def to_plain(value: Any) -> Any:
-    """Dataclasses to dicts, Paths to strings, tuples to lists: what YAML and MLflow take."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {key: to_plain(item) for key, item in value.items()}
-    if isinstance(value, Path):
-        return value.as_posix()
-    if isinstance(value, tuple | list):
-        return [to_plain(v) for v in value]
-    return value
-
-
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'train': {'learning_rate': 0.01}} -> {'train.learning_rate': 0.01}."""
     flat: dict[str, Any] = {}
@@ -405,120 +439,3 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def _build(cls: type[T], raw: Any, prefix: str, source: str) -> T:
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{source}: {where} must be a mapping of keys, found {_show(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(
-            f"{source}: unknown key '{prefix}{unknown[0]}' (allowed in {where}: "
-            f"{', '.join(fields)})"
-        )
-    missing = [name for name in fields if name not in raw]
-    if missing:
-        raise ParamsError(f"{source}: missing key '{prefix}{missing[0]}'")
-    values = {}
-    for name, f in fields.items():
-        key = f"{prefix}{name}"
-        value = _convert(hints[name], raw[name], key, source)
-        rule = f.metadata.get("check")
-        if rule is not None and value is not None:
-            predicate, allowed = rule
-            if not predicate(value):
-                raise ParamsError(
-                    f"{source}: {key} = {raw[name]!r} is out of range: must be {allowed}"
-                )
-        values[name] = value
-    built = cls(**values)
-    problem = getattr(built, "problem", None)
-    message = problem() if problem is not None else None
-    if message:
-        raise ParamsError(f"{source}: {message}" if not prefix else f"{source}: {where}: {message}")
-    return built
-
-
-def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.", source)  # type: ignore[arg-type]
-    if origin is dict:  # tune.space: dotted keys to ranges or choices
-        if not isinstance(value, Mapping) or not value:
-            raise ParamsError(
-                f"{source}: {key} must map dotted params.yaml keys to {{low, high, log}} or "
-                f"{{choices: [...]}}, found {_show(value)}"
-            )
-        return {
-            str(name): _build(
-                ChoiceParams if isinstance(spec, Mapping) and "choices" in spec else RangeParams,
-                spec,
-                f"{key}.{name}.",
-                source,
-            )
-            for name, spec in value.items()
-        }
-    if hint is object:  # a choice: any YAML scalar
-        if value is not None and not isinstance(value, str | int | float | bool):
-            raise ParamsError(f"{source}: {key} must be a number, a string, true/false or null")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key, source)
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(repr(a) for a in args)
-            raise ParamsError(
-                f"{source}: {key} = {value!r} is not allowed: must be one of {allowed}"
-            )
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ParamsError(f"{source}: {key} must be a list, found {_show(value)}")
-        return tuple(_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{source}: {key} must be true or false, found {_show(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{source}: {key} must be an integer, found {_show(value)}")
-        return value
-    if hint is float:
-        number = _as_float(value)
-        if number is None or not math.isfinite(number):
-            raise ParamsError(f"{source}: {key} must be a finite number, found {_show(value)}")
-        return number
-    if hint is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{source}: {key} must be a string, found {_show(value)}")
-        return value
-    if hint is Path:
-        if not isinstance(value, str) or not value:
-            raise ParamsError(f"{source}: {key} must be a relative path, found {_show(value)}")
-        return Path(value)
-    raise TypeError(f"config.py cannot read a field of type {hint!r} ({key})")
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        # PyYAML reads `1e-6` (no dot) as a string; it is a number to anyone writing params.yaml.
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"

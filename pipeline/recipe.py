@@ -15,10 +15,8 @@ from pipeline.cli import run_stage
 from pipeline.config import (
     PARAMS_FILE,
     RECIPES_DIR,
-    flatten,
     load_params,
     load_recipe,
-    to_plain,
     update_params_file,
 )
 
@@ -42,7 +40,7 @@ def main() -> None:
             print(f"{path.stem:<8} {describe(path.stem)}")
         return
     values = load_recipe(args.name)
-    current = flatten(to_plain(load_params()))
+    current = load_params().flat()
     update_params_file(PARAMS_FILE, values)
     for key, value in values.items():
         if current.get(key) != value:

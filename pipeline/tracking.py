@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from pipeline.config import Params, flatten, to_plain
+from pipeline.config import Params
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.retry import describe, retrying
@@ -272,7 +272,7 @@ def set_tags(tags: Mapping[str, str]) -> None:
 @uninterrupted
 def flat_params(params: Params) -> dict[str, Any]:
     """The whole resolved params tree, with dotted keys: train.learning_rate, model.conv_dropout."""
-    return {key: "null" if v is None else v for key, v in flatten(to_plain(params)).items()}
+    return {key: "null" if v is None else v for key, v in params.flat().items()}
 
 
 def log_params(params: Params) -> None:

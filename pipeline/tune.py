@@ -31,9 +31,7 @@ from pipeline.cli import run_stage
 from pipeline.config import (
     ChoiceParams,
     Params,
-    flatten,
     load_params,
-    to_plain,
     trial_values,
     with_values,
 )
@@ -69,7 +67,7 @@ TEST_PAUSE_ENV = "PIPELINE_TEST_PAUSE"
 def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
     """The trial's values, by dotted params.yaml name: a choice, or a float or integer range
     (integers for keys that hold integers, such as train.augment.cutout)."""
-    current = flatten(to_plain(params))
+    current = params.flat()
     values: dict[str, Any] = {}
     for dotted, dimension in params.tune.space.items():
         if isinstance(dimension, ChoiceParams):

@@ -14,7 +14,6 @@ from pipeline.config import (
     flatten,
     load_params,
     load_recipe,
-    to_plain,
     with_values,
 )
 from tests.conftest import ROOT, run
@@ -95,7 +94,7 @@ def test_a_bad_recipe_fails_naming_the_key_and_writes_nothing(tmp_path: Path) ->
     result = run(["python", "-m", "pipeline.recipe", "range"], project)
     assert result.returncode == 1
     assert (
-        "train.label_smoothing = 1.5 is out of range: must be a number in [0, 1)" in result.stderr
+        "train.label_smoothing = 1.5: input should be less than 1" in result.stderr
     )
     result = run(["python", "-m", "pipeline.recipe", "nonesuch"], project)
     assert result.returncode == 1 and "recipes/nonesuch.yaml: no such recipe" in result.stderr
@@ -109,13 +108,13 @@ def test_values_applied_in_memory_are_checked_like_the_file() -> None:
     params = load_params(ROOT / "params.yaml")
     changed = with_values(params, {"train.augment.cutout": 8, "train.learning_rate": 0.2})
     assert changed.train.augment.cutout == 8 and changed.train.learning_rate == 0.2
-    assert to_plain(changed)["model"] == to_plain(params)["model"]
-    with pytest.raises(ParamsError, match=r"train.augment.cutout = 40 is out of range"):
+    assert changed.section("model") == params.section("model")
+    with pytest.raises(ParamsError, match=r"train.augment.cutout = 40: input should be less than or equal to 32"):
         with_values(params, {"train.augment.cutout": 40})
 
 
 def test_params_yaml_ships_the_best_recipe() -> None:
     """`dvc repro` on a fresh clone trains the best recipe; `recipe seed` is one command away."""
-    shipped = flatten(to_plain(load_params(ROOT / "params.yaml")))
+    shipped = load_params(ROOT / "params.yaml").flat()
     best = load_recipe(str(ROOT / "recipes/best.yaml"))
     assert {key: shipped[key] for key in best} == best

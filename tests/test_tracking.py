@@ -48,7 +48,17 @@ def test_a_run_ends_finished_failed_or_killed(store: MlflowClient) -> None:
 
 
 def test_the_champion_alias_moves_only_to_a_more_accurate_version(store: MlflowClient) -> None:
-    model = build_model(ModelParams((2, 2), 4, 0.0, 0.0, "unit", "glorot_uniform", 0))
+    model = build_model(
+        ModelParams(
+            conv_filters=(2, 2),
+            dense_units=4,
+            conv_dropout=0.0,
+            dense_dropout=0.0,
+            pixel_scale="unit",
+            kernel_initializer="glorot_uniform",
+            init_seed=0,
+        )
+    )
     example = np.zeros((1, 32, 32, 3), dtype=np.uint8)
     outcomes = []
     for accuracy in (0.5, 0.4, 0.6, 0.6):
