@@ -2,8 +2,8 @@
 
 Store: MLFLOW_TRACKING_URI when set; otherwise MLflow's own default layout in the project root
 (`mlflow.db`, artifacts in `mlruns/`), so `mlflow ui` started there shows the runs. The project
-root is the working directory, except inside a DVC queued experiment, which runs in a temporary
-copy under `<project>/.dvc/tmp/exps/`: its runs go to `<project>`'s store, not the copy's.
+root is DVC's repository root (a queued experiment runs in a temporary copy, and its runs go to
+the repository's store, not the copy's), or the working directory outside DVC.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 DVC_LOCK = Path("dvc.lock")
 MODEL_ARTIFACT = "model"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-DVC_EXPERIMENT_WORKSPACES = (".dvc", "tmp", "exps")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,13 +93,10 @@ def uninterrupted(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def project_root(cwd: Path | None = None) -> Path:
-    """The directory whose MLflow store runs belong to (see the module docstring)."""
-    parts = (cwd or Path.cwd()).resolve().parts
-    for index in range(len(parts) - len(DVC_EXPERIMENT_WORKSPACES)):
-        if parts[index : index + len(DVC_EXPERIMENT_WORKSPACES)] == DVC_EXPERIMENT_WORKSPACES:
-            return Path(*parts[:index])
-    return Path(*parts)
+def project_root() -> Path:
+    """The directory whose MLflow store runs belong to: DVC_ROOT, which DVC sets for every
+    stage (to the parent repository in a queued experiment), or the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def use_store() -> Path | None:
