@@ -1,7 +1,7 @@
 """The classic Keras CIFAR-10 CNN, built from the `model` params.
 
-It takes raw uint8 images (32, 32, 3) and scales them to [0, 1] itself, so a served model is
-sent pixels as they are.
+It takes raw uint8 images (32, 32, 3) and scales them itself (to [0, 1] or [-1, 1], as
+`model.pixel_scale` says), so a served model is sent pixels as they are.
 """
 
 from __future__ import annotations
