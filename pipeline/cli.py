@@ -1,4 +1,4 @@
-"""The shell shared by every stage's `main()`: logging, SIGTERM, and one-line errors."""
+"""The shell shared by every stage's `main()`: logging, stopping on a signal, one-line errors."""
 
 from __future__ import annotations
 
@@ -15,10 +15,35 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline")
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM (a killed `dvc repro`, a scheduler) unwinds like Ctrl-C, so open MLflow runs end
-    # KILLED and partial outputs are cleaned up by the same code paths.
-    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
+_stop_asked: list[str] = []  # the signals received, by name
+
+
+def _ask_to_stop(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C or SIGTERM (a killed `dvc repro`, a scheduler) asks the stage to stop at its next
+    stop point; the stop then unwinds as KeyboardInterrupt, so open MLflow runs end KILLED and
+    partial outputs are cleaned up. Nothing is cut mid-write: the signal only leaves a note. A
+    second signal means it: the stage stops at once."""
+    name = signal.Signals(signum).name
+    if _stop_asked:
+        raise KeyboardInterrupt(f"received {_stop_asked[0]}, then {name}")
+    _stop_asked.append(name)
+    log.warning("received %s: stopping at the next batch or step (again to stop at once)", name)
+
+
+def stop_point() -> None:
+    """Raises KeyboardInterrupt if a stop has been asked for. Called where stopping cuts
+    nothing: between training batches, between chunks of a download, while waiting."""
+    if _stop_asked:
+        raise KeyboardInterrupt(f"received signal {_stop_asked[0]}")
+
+
+def pause(seconds: float) -> None:
+    """time.sleep that a stop ends early (a sleep resumes after a signal that only notes)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        stop_point()
+        time.sleep(min(left, 0.2))
+    stop_point()
 
 
 def configure_logging() -> None:
@@ -39,7 +64,8 @@ def run_stage(main: Callable[[], None]) -> None:
     Any other exception keeps its traceback: it is a bug, not bad input.
     """
     configure_logging()
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _ask_to_stop)
     started = time.perf_counter()
     try:
         main()

@@ -19,7 +19,7 @@ import tenacity
 from tqdm import tqdm
 
 from pipeline.cifar import PYTHON_DIR, PYTHON_MEMBER_MD5, UnsafeArchiveError, member_md5s
-from pipeline.cli import run_stage
+from pipeline.cli import run_stage, stop_point
 from pipeline.config import DataParams, load_params
 from pipeline.errors import PipelineError
 from pipeline.retry import retrying
@@ -104,6 +104,7 @@ def _copy_local(source: Path, part: Path) -> None:
         while chunk := src.read(CHUNK):
             dst.write(chunk)
             bar.update(len(chunk))
+            stop_point()
 
 
 def _fetch_http(url: str, part: Path, *, timeout: float, retries: int) -> None:
@@ -162,6 +163,7 @@ def _fetch_http_once(url: str, part: Path, timeout: float) -> None:
                         out.write(chunk)
                         have += len(chunk)
                         bar.update(len(chunk))
+                        stop_point()
                 except requests.exceptions.ChunkedEncodingError:
                     cut = True  # reported just below, with how far it got
             if cut or (total is not None and have < total):

@@ -6,6 +6,8 @@ import logging
 
 import tenacity
 
+from pipeline.cli import pause
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,7 @@ def retrying(
         stop=stop,
         wait=tenacity.wait_exponential(multiplier=first_wait, max=max_wait),
         before_sleep=before_sleep,
+        sleep=pause,  # Ctrl-C ends the wait
         reraise=True,
     )
 

@@ -17,6 +17,7 @@ import optuna
 import tenacity
 
 from pipeline import tracking
+from pipeline.cli import pause
 from pipeline.config import Params, TuneParams
 from pipeline.errors import PipelineError
 from pipeline.retry import describe, retrying
@@ -243,7 +244,7 @@ def settle(study: optuna.Study, storage: Storage, params: Params, parent_run_id:
     running = (optuna.trial.TrialState.RUNNING,)
     while study.get_trials(deepcopy=False, states=running) and time.monotonic() < deadline:
         optuna.storages.fail_stale_trials(study)
-        time.sleep(min(tune.heartbeat_seconds, 5))
+        pause(min(tune.heartbeat_seconds, 5))
     for failed in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         run_id = failed.user_attrs.get("mlflow_run_id")
         if run_id:  # left RUNNING when the tracking server was away as its trial failed

@@ -9,20 +9,16 @@ the repository's store, not the copy's), or the working directory outside DVC.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
-import signal
 import subprocess
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import keras
 import mlflow
@@ -48,49 +44,6 @@ log = logging.getLogger(__name__)
 DVC_LOCK = Path("dvc.lock")
 MODEL_ARTIFACT = "model"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Holds Ctrl-C and SIGTERM until the block is done, then lets them through.
-
-    An interrupt inside an MLflow write would leave its SQLite transaction open and the store
-    locked, so the run could not even be marked KILLED. Writes are short; the signal waits.
-    Blocking the signal with a thread mask is not enough: the kernel may deliver it to any
-    thread that does not block it (TensorFlow's), and Python then runs the handler in the main
-    thread all the same. So the handlers themselves are swapped for one that only remembers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-
-    def remember(signum: int, frame: FrameType | None) -> None:
-        held.append(signum)
-
-    previous = {signum: signal.signal(signum, remember) for signum in HELD_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if held:
-            signal.raise_signal(held[0])  # now its own handler runs: KeyboardInterrupt
-
-
-def uninterrupted(function: F) -> F:
-    """Runs `function` inside `signals_held()`."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with signals_held():
-            return function(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def project_root() -> Path:
@@ -143,19 +96,18 @@ def tracked_run(
     """Starts (or, given `run_id`, resumes) a run and always ends it.
 
     FINISHED on success or on an exception in `finished_on` (a pruned trial is not a failure),
-    KILLED on Ctrl-C or SIGTERM (the stages turn SIGTERM into KeyboardInterrupt), FAILED on any
-    other exception. No run is left RUNNING. With `parent_run_id`, the run is nested under it.
+    KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from cli.stop_point), FAILED on any other
+    exception. No run is left RUNNING. With `parent_run_id`, the run is nested under it.
     """
     experiment_id = use_experiment(experiment)
-    with signals_held():
-        run = mlflow.start_run(
-            run_id=run_id,
-            experiment_id=experiment_id,
-            run_name=run_name,
-            nested=parent_run_id is not None,
-            parent_run_id=parent_run_id,
-            tags=dict(tags) if tags else None,
-        )
+    run = mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        run_name=run_name,
+        nested=parent_run_id is not None,
+        parent_run_id=parent_run_id,
+        tags=dict(tags) if tags else None,
+    )
     log.info(
         "MLflow run %s (%s) in experiment %r at %s",
         run.info.run_id,
@@ -177,7 +129,6 @@ def tracked_run(
     _end_run("FINISHED", run.info.run_id)
 
 
-@uninterrupted
 def _end_run(status: str, run_id: str, failing: bool = False) -> None:
     """Ends the active run. While an error is on its way out (`failing`), a store that cannot
     be reached is logged instead of raised, so the first error is the one reported; the run
@@ -194,7 +145,6 @@ def _end_run(status: str, run_id: str, failing: bool = False) -> None:
         )  # fmt: skip
 
 
-@uninterrupted
 def create_run(experiment: str, run_name: str, tags: Mapping[str, str], params: Params) -> str:
     """Creates a run without making it active (a sweep's parent); returns its id."""
     experiment_id = use_experiment(experiment)
@@ -260,12 +210,10 @@ def wait_for_store(seconds: float) -> None:
         ) from None
 
 
-@uninterrupted
 def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
 
-@uninterrupted
 def flat_params(params: Params) -> dict[str, Any]:
     """The whole resolved params tree, with dotted keys: train.learning_rate, model.conv_dropout."""
     return {key: "null" if v is None else v for key, v in params.flat().items()}
@@ -275,7 +223,6 @@ def log_params(params: Params) -> None:
     mlflow.log_params(flat_params(params))
 
 
-@uninterrupted
 def log_epoch(epoch: int, logs: Mapping[str, float], run_id: str | None = None) -> None:
     """One epoch's metrics, at step = epoch number (1-based), to `run_id` or the active run."""
     metrics = {key: float(value) for key, value in logs.items()}
@@ -301,13 +248,11 @@ class EpochLogger(keras.callbacks.Callback):
             log_epoch(epoch + 1, logs, self.run_id)
 
 
-@uninterrupted
 def log_summary(metrics: Mapping[str, float]) -> None:
     """Figures that belong to the run rather than to an epoch (best epoch, test scores)."""
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
 
 
-@uninterrupted
 def end_abandoned_run(
     run_id: str, status: str = "KILLED", tags: Mapping[str, str] | None = None
 ) -> None:
@@ -325,7 +270,6 @@ def end_abandoned_run(
         log.info("ended abandoned MLflow run %s as %s", run_id, status)
 
 
-@uninterrupted
 def end_failed_run(run_id: str, reason: str) -> None:
     """Ends a sweep trial's run FAILED (tag optuna.state FAIL) unless it already ended FAILED
     or KILLED: its process or worker died, or its result never reached Optuna."""
@@ -343,7 +287,6 @@ def end_failed_run(run_id: str, reason: str) -> None:
     log.info("ended MLflow run %s as FAILED: %s", run_id, reason)
 
 
-@uninterrupted
 def delete_runs(experiment: str, filter_string: str, keep: str | None = None) -> None:
     """Deletes the runs of `experiment` that match `filter_string`, except `keep`. A user not
     allowed to delete them (MLflow's basic auth) gets a warning: they are only clutter."""
@@ -359,7 +302,6 @@ def delete_runs(experiment: str, filter_string: str, keep: str | None = None) ->
         log.warning("could not delete runs where %s: %s", filter_string, describe(error))
 
 
-@uninterrupted
 def backfill_history(run_id: str, history: Mapping[str, list[float]]) -> None:
     """Logs the epochs of `history` that the run lacks (a run killed between checkpoint and log)."""
     client = MlflowClient()
@@ -402,7 +344,6 @@ def git_state() -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
-@uninterrupted
 def log_provenance(params: Params) -> None:
     """Tags: git commit and dirtiness, the DVC hashes of the archive and the prepared data."""
     hashes = dvc_hashes()
@@ -414,7 +355,6 @@ def log_provenance(params: Params) -> None:
     mlflow.set_tags(tags)
 
 
-@uninterrupted
 def log_dataset(split: Split, name: str, source: Path, context: str) -> None:
     """An MLflow dataset input whose digest is the split's DVC hash (the UI's Dataset column)."""
     digest = dvc_hashes().get(source.as_posix(), "unknown")
@@ -426,7 +366,6 @@ def log_dataset(split: Split, name: str, source: Path, context: str) -> None:
     mlflow.log_input(dataset, context=context)
 
 
-@uninterrupted
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
     for path in paths:
         if path.is_file():
@@ -451,7 +390,6 @@ class Registration:
     previous_champion: str | None
 
 
-@uninterrupted
 def log_and_register_model(
     model: keras.Model,
     example: np.ndarray,

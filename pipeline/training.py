@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from pipeline.cli import stop_point
 from pipeline.config import AugmentParams, TrainParams
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
@@ -269,6 +270,14 @@ class EpochRecorder(keras.callbacks.Callback):
             self.history.setdefault(key, []).append(float(logs[key]))
 
 
+class StopWhenAsked(keras.callbacks.Callback):
+    """Takes a stop asked for by Ctrl-C or SIGTERM (see cli.stop_point) between two batches,
+    where no MLflow write or checkpoint is under way."""
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        stop_point()
+
+
 class BestWeights(keras.callbacks.Callback):
     """Keeps a copy of the weights of the epoch with the best validation accuracy so far."""
 
@@ -303,7 +312,7 @@ def fit(
     `history` holds the epochs before `initial_epoch` (a resumed run). With
     `params.restore_best`, the model ends with the weights of its best epoch by validation
     accuracy (`best` carries that over a resume). Raises TrainingDiverged when the loss turns
-    NaN or infinite.
+    NaN or infinite, and KeyboardInterrupt at the batch after Ctrl-C or SIGTERM.
     """
     # Each epoch's shuffle order depends on the seed and where training (re)starts.
     one_hot = one_hot_labels(params)
@@ -322,7 +331,7 @@ def fit(
         validation_data=validation_data,
         epochs=params.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[recorder, best, *callbacks],
+        callbacks=[recorder, best, *callbacks, StopWhenAsked()],
         shuffle=False,  # the input pipeline shuffles
         verbose=verbose,
     )

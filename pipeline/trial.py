@@ -33,7 +33,7 @@ import optuna
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
-from pipeline.cli import configure_logging
+from pipeline.cli import configure_logging, stop_point
 from pipeline.config import Params, TuneParams
 from pipeline.dataset import Split, load_split, stratified_split
 from pipeline.errors import PipelineError
@@ -225,6 +225,8 @@ def run_in_process(
     outcome: TrialOutcome | None = None
     try:
         while outcome is None:
+            while not results.poll(0.2):  # a stop asked for here is taken within 0.2 s
+                stop_point()
             try:
                 message = results.recv()
             except EOFError:

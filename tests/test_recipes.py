@@ -93,9 +93,7 @@ def test_a_bad_recipe_fails_naming_the_key_and_writes_nothing(tmp_path: Path) ->
     (project / "recipes/range.yaml").write_text("train.label_smoothing: 1.5\n")
     result = run(["python", "-m", "pipeline.recipe", "range"], project)
     assert result.returncode == 1
-    assert (
-        "train.label_smoothing = 1.5: input should be less than 1" in result.stderr
-    )
+    assert "train.label_smoothing = 1.5: input should be less than 1" in result.stderr
     result = run(["python", "-m", "pipeline.recipe", "nonesuch"], project)
     assert result.returncode == 1 and "recipes/nonesuch.yaml: no such recipe" in result.stderr
     assert "best, fast" in result.stderr
@@ -109,7 +107,9 @@ def test_values_applied_in_memory_are_checked_like_the_file() -> None:
     changed = with_values(params, {"train.augment.cutout": 8, "train.learning_rate": 0.2})
     assert changed.train.augment.cutout == 8 and changed.train.learning_rate == 0.2
     assert changed.section("model") == params.section("model")
-    with pytest.raises(ParamsError, match=r"train.augment.cutout = 40: input should be less than or equal to 32"):
+    with pytest.raises(
+        ParamsError, match=r"train.augment.cutout = 40: input should be less than or equal to 32"
+    ):
         with_values(params, {"train.augment.cutout": 40})
 
 

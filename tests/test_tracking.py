@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +15,7 @@ from pipeline import tracking
 from pipeline.config import ModelParams
 from pipeline.evaluate import evaluate, flat_metrics, metrics_report
 from pipeline.model import build_model
+from tests.conftest import ROOT, run
 
 
 @pytest.fixture
@@ -96,21 +93,35 @@ def test_evaluation_figures_from_probabilities() -> None:
     assert flat["f1_b"] == 0.8 and flat["test_accuracy"] == pytest.approx(0.666667)
 
 
-def test_a_signal_during_an_mlflow_write_waits_for_the_write_to_end(
-    request: pytest.FixtureRequest,
+STOPPING_STAGE = """
+import os, signal, threading, time
+from pipeline import tracking
+from pipeline.cli import run_stage, stop_point
+
+def stage():
+    with tracking.tracked_run("stops") as run:
+        print(run.info.run_id, flush=True)
+        # From another thread, as the kernel may deliver it to any thread (TensorFlow's).
+        sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+        sender.start()
+        sender.join()
+        time.sleep(0.1)  # a write under way: the signal must not cut it
+        tracking.log_summary({"written": 1.0})
+        stop_point()
+        tracking.log_summary({"after_the_stop": 1.0})
+
+run_stage(stage)
+"""
+
+
+def test_a_signal_stops_the_stage_at_the_next_stop_point_never_inside_a_write(
+    tmp_path: Path,
 ) -> None:
-    # The signal is sent from another thread, as the kernel may deliver it to any thread that
-    # does not block it (TensorFlow's do not); Python still runs its handler in the main thread.
-    done: list[str] = []
-    # Ctrl-C's own handler, whatever an earlier test or library left in its place.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    with pytest.raises(KeyboardInterrupt):
-        with tracking.signals_held():
-            sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
-            sender.start()
-            sender.join()
-            time.sleep(0.05)  # the handler would run here, in the middle of the write
-            done.append("write")
-        done.append("after")  # never reached: the interrupt comes as the block ends
-    assert done == ["write"]
+    result = run(["python", "-c", STOPPING_STAGE], tmp_path, PYTHONPATH=str(ROOT))
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "received SIGTERM: stopping at the next batch or step" in result.stderr
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stopped = client.get_run(result.stdout.split()[0])
+    assert stopped.info.status == "KILLED"
+    assert set(stopped.data.metrics) == {"written"}
