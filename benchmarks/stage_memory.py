@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.accuracy import machine  # noqa: E402
-from tests.conftest import copy_project, run_env  # noqa: E402 - the tests' project copy
+from tests.helpers import copy_project, run_env  # noqa: E402 - the tests' project copy
 
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("download", "preprocess", "build", "train", "evaluate", "tune")

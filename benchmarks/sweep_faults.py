@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.accuracy import machine  # noqa: E402
-from tests.conftest import (  # noqa: E402 - the tests' servers and project copy
+from tests.helpers import (  # noqa: E402 - the tests' servers and project copy
     MlflowServer,
     Postgres,
     copy_project,

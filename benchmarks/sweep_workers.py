@@ -29,7 +29,7 @@ import optuna
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import (  # noqa: E402 - the tests' own server and data helpers
+from tests.helpers import (  # noqa: E402 - the tests' own server and data helpers
     copy_project,
     make_tiny_cifar,
     run,

@@ -14,7 +14,7 @@ import pytest
 
 import pipeline.cifar as cifar_module
 from pipeline.cifar import UnsafeArchiveError, load_cifar10
-from tests.conftest import (
+from tests.helpers import (
     CLASS_NAMES,
     TinyCifar,
     py2_pickle,

@@ -16,7 +16,7 @@ from pipeline.config import (
     trial_values,
     with_values,
 )
-from tests.conftest import ROOT, run, write_params
+from tests.helpers import ROOT, run, write_params
 
 
 def test_the_real_params_load_into_frozen_objects() -> None:

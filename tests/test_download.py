@@ -12,7 +12,7 @@ import pytest
 from pipeline import download as dl
 from pipeline.config import DataParams
 from pipeline.download import ChecksumError, DownloadError, download, verify_archive
-from tests.conftest import (
+from tests.helpers import (
     ArchiveServer,
     TinyCifar,
     free_port,

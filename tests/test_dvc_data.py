@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.dataset import load_split
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     ArchiveServer,
     copy_project,

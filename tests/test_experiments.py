@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import (
+from tests.helpers import (
     run,
     tiny_project,
 )

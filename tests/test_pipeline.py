@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import (
+from tests.helpers import (
     free_port,
     run,
     run_env,

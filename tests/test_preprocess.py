@@ -13,7 +13,7 @@ import pipeline.preprocess as preprocess_module
 from pipeline.config import params_from_dict
 from pipeline.dataset import load_class_names, load_split, stratified_split
 from pipeline.errors import PipelineError
-from tests.conftest import TinyCifar, run, sha256_of, shrink, write_params
+from tests.helpers import TinyCifar, run, sha256_of, shrink, write_params
 
 
 def test_stratified_split_is_exact_seeded_and_disjoint() -> None:

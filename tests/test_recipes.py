@@ -16,7 +16,7 @@ from pipeline.config import (
     load_recipe,
     with_values,
 )
-from tests.conftest import ROOT, run
+from tests.helpers import ROOT, run
 
 RECIPES = sorted(p.stem for p in (ROOT / RECIPES_DIR).glob("*.yaml"))
 

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     copy_project,
     free_port,

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import MlflowServer, Postgres, run_env
+from tests.helpers import MlflowServer, Postgres, run_env
 from tests.test_tune import STUDY, sweep_project
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from pipeline import tracking
 from pipeline.config import ModelParams
 from pipeline.evaluate import evaluate, flat_metrics, metrics_report
 from pipeline.model import build_model
-from tests.conftest import ROOT, run
+from tests.helpers import ROOT, run
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pipeline.training import (
     seed_everything,
     steps_per_epoch,
 )
-from tests.conftest import ROOT, make_tiny_cifar
+from tests.helpers import ROOT, make_tiny_cifar
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.config import update_params_file
 from pipeline.handback import apply_best
-from tests.conftest import (
+from tests.helpers import (
     copy_project,
     run,
     run_env,
