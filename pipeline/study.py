@@ -80,7 +80,7 @@ class Retry:
         reason = trial.user_attrs.get("fail_reason") or "its worker stopped sending heartbeats"
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            tracking.end_failed_run(run_id, reason)
+            tracking.end_abandoned_run(run_id, "FAILED", reason)
         if finished_trials(study) < self.n_trials:
             self.retry(study, trial)
 
@@ -248,7 +248,9 @@ def settle(study: optuna.Study, storage: Storage, params: Params, parent_run_id:
     for failed in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         run_id = failed.user_attrs.get("mlflow_run_id")
         if run_id:  # left RUNNING when the tracking server was away as its trial failed
-            tracking.end_failed_run(run_id, failed.user_attrs.get("fail_reason") or "failed")
+            tracking.end_abandoned_run(
+                run_id, "FAILED", failed.user_attrs.get("fail_reason") or "failed"
+            )
     if finished_trials(study) < tune.n_trials:
         return
     study_id = storage.get_study_id_from_name(study.study_name)

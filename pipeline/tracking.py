@@ -253,38 +253,24 @@ def log_summary(metrics: Mapping[str, float]) -> None:
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
 
 
-def end_abandoned_run(
-    run_id: str, status: str = "KILLED", tags: Mapping[str, str] | None = None
-) -> None:
-    """Ends a run whose process died (SIGKILL, a lost machine) and that will not be resumed."""
+def end_abandoned_run(run_id: str, status: str = "KILLED", reason: str | None = None) -> None:
+    """Ends a run that its own process can no longer end (it died, or its result never reached
+    Optuna), unless it already ended FAILED or KILLED. With a `reason`, the run is a failed
+    sweep trial's: tagged optuna.state FAIL and optuna.fail_reason."""
     use_store()
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
-    except MlflowException:
-        return
-    if run.info.status == "RUNNING":
-        for key, value in (tags or {}).items():
-            client.set_tag(run_id, key, value)
-        client.set_terminated(run_id, status)
-        log.info("ended abandoned MLflow run %s as %s", run_id, status)
-
-
-def end_failed_run(run_id: str, reason: str) -> None:
-    """Ends a sweep trial's run FAILED (tag optuna.state FAIL) unless it already ended FAILED
-    or KILLED: its process or worker died, or its result never reached Optuna."""
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
     except MlflowException as error:
-        log.warning("MLflow run %s of a failed trial: %s", run_id, str(error).splitlines()[0])
+        log.warning("MLflow run %s, to end as %s: %s", run_id, status, describe(error))
         return
     if run.info.status in ("FAILED", "KILLED"):
         return
-    client.set_tag(run_id, "optuna.state", "FAIL")
-    client.set_tag(run_id, "optuna.fail_reason", reason[:500])
-    client.set_terminated(run_id, "FAILED")
-    log.info("ended MLflow run %s as FAILED: %s", run_id, reason)
+    if reason is not None:
+        client.set_tag(run_id, "optuna.state", "FAIL")
+        client.set_tag(run_id, "optuna.fail_reason", reason[:500])
+    client.set_terminated(run_id, status)
+    log.info("ended MLflow run %s as %s%s", run_id, status, f": {reason}" if reason else "")
 
 
 def delete_runs(experiment: str, filter_string: str, keep: str | None = None) -> None:

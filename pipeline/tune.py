@@ -119,7 +119,7 @@ class Objective:
     def run(self, trial: optuna.Trial) -> float:
         previous_run = trial.user_attrs.get("mlflow_run_id")  # a retry inherits its attributes
         if previous_run:
-            tracking.end_failed_run(previous_run, f"retried as trial {trial.number}")
+            tracking.end_abandoned_run(previous_run, "FAILED", f"retried as trial {trial.number}")
             for inherited in ("epochs", "process", "fail_reason", "pruned_reason"):
                 if inherited in trial.user_attrs:
                     trial.set_user_attr(inherited, None)
@@ -191,7 +191,7 @@ class Objective:
     def abandon(self, reason: str) -> None:
         """The trial's result could not be stored: its run must not read as a finished trial."""
         if self.unstored_run_id:
-            tracking.end_failed_run(self.unstored_run_id, reason)
+            tracking.end_abandoned_run(self.unstored_run_id, "FAILED", reason)
             self.unstored_run_id = None
 
 
