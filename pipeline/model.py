@@ -75,7 +75,7 @@ def with_precision(model: keras.Model, params: ModelParams, precision: str) -> k
     if precision == "mixed_bfloat16" and not native_bfloat16():
         log.warning(
             "this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16) and no GPU is "
-            "visible: bfloat16 is emulated, about 7x slower than float32 on an AVX2-only AMD "
+            "visible: bfloat16 is emulated, about 8x slower than float32 on an AVX2-only AMD "
             "EPYC; set train.precision: float32 (`dvc exp run -S train.precision=float32`)"
         )
     copy = network(params, precision)
