@@ -110,8 +110,8 @@ def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> d
     if side in BASELINES:
         train_baseline(side, params, train, Scorer())
     else:
+        from pipeline.fit import compile_model, fit, seed_everything, steps_per_epoch
         from pipeline.model import build_model
-        from pipeline.training import compile_model, fit, seed_everything, steps_per_epoch
 
         seed_everything(params.train)
         model = build_model(params.model, params.train.precision)

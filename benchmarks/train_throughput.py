@@ -5,7 +5,7 @@ arrays (run `dvc repro preprocess` first), one after the other, each in its own 
 
 - `plain`: `model.fit(x, y, batch_size=..., shuffle=True, validation_data=...)` in float32, the
   way the seed's example trains.
-- `pipeline_float32`: what `python -m pipeline.train` runs (`pipeline.training.fit` with the
+- `pipeline_float32`: what `python -m pipeline.train` runs (`pipeline.fit.fit` with the
   MLflow epoch logger into a throwaway store and the per-epoch checkpoint), in float32: the
   input pipeline's own effect.
 - `pipeline`: the same with the recipe's precision (bfloat16 for `best` and `fast`): what the
@@ -47,14 +47,14 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
 
     from pipeline.config import load_params, load_recipe, shorter_run, with_values
     from pipeline.dataset import load_split
-    from pipeline.model import build_model
-    from pipeline.training import (
+    from pipeline.fit import (
         compile_model,
         fit,
         one_hot_labels,
         seed_everything,
         steps_per_epoch,
     )
+    from pipeline.model import build_model
 
     params = load_params()
     if recipe:
@@ -96,8 +96,8 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
         import mlflow
 
         from pipeline import tracking
+        from pipeline.fit import BestWeights
         from pipeline.train import EpochCheckpoint
-        from pipeline.training import BestWeights
 
         class Timed(keras.callbacks.Callback):
             """Times the tracking callbacks (MLflow logging + checkpoint) inside each epoch."""

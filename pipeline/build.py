@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 
 from pipeline.atomic import write_text
-from pipeline.cli import run_stage
 from pipeline.config import load_params
 from pipeline.model import build_model, save_model, summary_text
+from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import tenacity
 from tqdm import tqdm
 
 from pipeline.cifar import PYTHON_DIR, PYTHON_MEMBER_MD5, UnsafeArchiveError, member_md5s
-from pipeline.cli import run_stage, stop_point
 from pipeline.config import DataParams, load_params
 from pipeline.errors import PipelineError
 from pipeline.retry import retrying
+from pipeline.stage import run_stage, stop_point
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.atomic import write_json, write_text
-from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.dataset import Split, load_class_names, load_split
 from pipeline.errors import PipelineError
+from pipeline.fit import EVAL_BATCH_SIZE, input_pipeline
 from pipeline.model import load_model
-from pipeline.training import EVAL_BATCH_SIZE, input_pipeline
+from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, load_params, update_params_file
 from pipeline.errors import PipelineError
+from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)
 

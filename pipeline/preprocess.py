@@ -18,9 +18,9 @@ import numpy as np
 
 from pipeline.atomic import write_json
 from pipeline.cifar import Cifar10, load_cifar10
-from pipeline.cli import run_stage
 from pipeline.config import PreprocessParams, load_params
 from pipeline.dataset import CLASSES_FILE, SPLITS, Split, split_dir, stratified_split
+from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """`python -m pipeline.recipe NAME`: writes a recipe (recipes/NAME.yaml) into params.yaml.
 
 A recipe is a named set of params.yaml values: `seed` (the original Keras example's training),
-`fast` (75% test accuracy after about 85 s of training on two CPU cores), `best` (the most accurate).
-Only the recipe's keys change; comments and layout stay, `dvc params diff` shows what moved, and
-the next `dvc repro` trains with it. Without NAME, lists the recipes.
+`fast` (75% test accuracy after about 85 s of training on two CPU cores), `best` (the most
+accurate). Only the recipe's keys change; comments and layout stay, `dvc params diff` shows
+what moved, and the next `dvc repro` trains with it. Without NAME, lists the recipes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.cli import run_stage
 from pipeline.config import (
     PARAMS_FILE,
     RECIPES_DIR,
@@ -19,6 +18,7 @@ from pipeline.config import (
     load_recipe,
     update_params_file,
 )
+from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)
 

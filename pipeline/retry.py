@@ -6,7 +6,7 @@ import logging
 
 import tenacity
 
-from pipeline.cli import pause
+from pipeline.stage import pause
 
 log = logging.getLogger(__name__)
 

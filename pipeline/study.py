@@ -17,10 +17,10 @@ import optuna
 import tenacity
 
 from pipeline import tracking
-from pipeline.cli import pause
 from pipeline.config import Params, TuneParams
 from pipeline.errors import PipelineError
 from pipeline.retry import describe, retrying
+from pipeline.stage import pause
 
 log = logging.getLogger(__name__)
 

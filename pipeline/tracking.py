@@ -96,7 +96,7 @@ def tracked_run(
     """Starts (or, given `run_id`, resumes) a run and always ends it.
 
     FINISHED on success or on an exception in `finished_on` (a pruned trial is not a failure),
-    KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from cli.stop_point), FAILED on any other
+    KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from stage.stop_point), FAILED on any other
     exception. No run is left RUNNING. With `parent_run_id`, the run is nested under it.
     """
     experiment_id = use_experiment(experiment)
@@ -244,7 +244,7 @@ class EpochLogger(keras.callbacks.Callback):
         self.run_id = run_id
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs:  # empty when the epoch diverged (see training.EpochRecorder)
+        if logs:  # empty when the epoch diverged (see fit.EpochRecorder)
             log_epoch(epoch + 1, logs, self.run_id)
 
 

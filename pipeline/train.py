@@ -21,11 +21,9 @@ import keras
 
 from pipeline import tracking
 from pipeline.atomic import write_json, write_text
-from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, Params, load_params
 from pipeline.dataset import load_split
-from pipeline.model import load_model, portable, save_model, with_precision
-from pipeline.training import (
+from pipeline.fit import (
     HISTORY_KEYS,
     BestWeights,
     History,
@@ -35,6 +33,8 @@ from pipeline.training import (
     seed_everything,
     steps_per_epoch,
 )
+from pipeline.model import load_model, portable, save_model, with_precision
+from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.best = best
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if not logs:  # a diverged epoch (see training.EpochRecorder) is not worth keeping
+        if not logs:  # a diverged epoch (see fit.EpochRecorder) is not worth keeping
             return
         for key in HISTORY_KEYS:
             self.history.setdefault(key, []).append(float(logs[key]))

@@ -27,7 +27,6 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.atomic import write_text
-from pipeline.cli import run_stage
 from pipeline.config import (
     ChoiceParams,
     Params,
@@ -38,6 +37,7 @@ from pipeline.config import (
 from pipeline.dataset import split_files
 from pipeline.errors import PipelineError
 from pipeline.retry import describe
+from pipeline.stage import run_stage
 from pipeline.study import (
     FINISHED_STATES,
     Retry,
@@ -48,7 +48,7 @@ from pipeline.study import (
     settle,
     shared_parent_run,
 )
-from pipeline.trial import Epoch, TrialJob, TrialProcessDied, run_in_process
+from pipeline.trial_process import Epoch, TrialJob, TrialProcessDied, run_in_process
 
 matplotlib.use("Agg")
 # Heartbeats and the matplotlib plots are marked experimental; the marks say nothing to a user.

@@ -33,12 +33,10 @@ import optuna
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
-from pipeline.cli import configure_logging, stop_point
 from pipeline.config import Params, TuneParams
 from pipeline.dataset import Split, load_split, stratified_split
 from pipeline.errors import PipelineError
-from pipeline.model import build_model
-from pipeline.training import (
+from pipeline.fit import (
     TrainingDiverged,
     compile_model,
     distribution_strategy,
@@ -46,6 +44,8 @@ from pipeline.training import (
     seed_everything,
     steps_per_epoch,
 )
+from pipeline.model import build_model
+from pipeline.stage import configure_logging, stop_point
 
 log = logging.getLogger(__name__)
 

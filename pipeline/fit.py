@@ -17,11 +17,11 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from pipeline.cli import stop_point
 from pipeline.config import AugmentParams, TrainParams
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.model import NUM_CLASSES
+from pipeline.stage import stop_point
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class EpochRecorder(keras.callbacks.Callback):
 
 
 class StopWhenAsked(keras.callbacks.Callback):
-    """Takes a stop asked for by Ctrl-C or SIGTERM (see cli.stop_point) between two batches,
+    """Takes a stop asked for by Ctrl-C or SIGTERM (see stage.stop_point) between two batches,
     where no MLflow write or checkpoint is under way."""
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
