@@ -57,7 +57,6 @@ def test_a_member_escaping_its_folder_is_refused(tmp_path: Path) -> None:
     member.size = 4
     with pytest.raises(UnsafeArchiveError, match="points outside the archive's folder"):
         load_cifar10(_archive_with(tmp_path, member, b"evil"))
-    assert not (tmp_path.parent / "evil").exists()
 
 
 @pytest.mark.parametrize(
