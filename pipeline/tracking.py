@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DVC_LOCK = Path("dvc.lock")
 MODEL_ARTIFACT = "model"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # as MLflow's UI reads it
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
@@ -74,13 +75,23 @@ def use_experiment(name: str) -> str:
     """Points MLflow at the store and the experiment; returns the experiment id.
 
     With the default store, a new experiment keeps its artifacts in `<project>/mlruns`
-    (MLflow would otherwise use `./mlruns` of whatever directory created it).
+    (MLflow would otherwise use `./mlruns` of whatever directory created it). The experiment
+    is tagged as model training, so MLflow's UI opens it in that view rather than the GenAI one.
     """
     root = use_store()
     if root is not None and mlflow.get_experiment_by_name(name) is None:
         with contextlib.suppress(MlflowException):  # another process created it meanwhile
-            mlflow.create_experiment(name, artifact_location=(root / "mlruns").as_uri())
-    return str(mlflow.set_experiment(name).experiment_id)
+            mlflow.create_experiment(
+                name, artifact_location=(root / "mlruns").as_uri(), tags=EXPERIMENT_KIND
+            )
+    experiment = mlflow.set_experiment(name)
+    if not EXPERIMENT_KIND.items() <= experiment.tags.items():
+        try:
+            for key, value in EXPERIMENT_KIND.items():
+                mlflow.set_experiment_tag(key, value)
+        except MlflowException as error:  # a user allowed to log runs but not to edit it
+            log.warning("could not tag MLflow experiment %r: %s", name, describe(error))
+    return str(experiment.experiment_id)
 
 
 @contextlib.contextmanager

@@ -107,6 +107,7 @@ class Sweep:
             trials
         )
         experiment = self.client.get_experiment_by_name(self.experiment)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         runs = self.client.search_runs([experiment.experiment_id], max_results=1000)
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

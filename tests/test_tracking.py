@@ -32,6 +32,8 @@ def test_a_run_ends_finished_failed_or_killed(store: MlflowClient) -> None:
     with tracking.tracked_run("states") as run:
         pass
     assert store.get_run(run.info.run_id).info.status == "FINISHED"
+    tags = store.get_experiment_by_name("states").tags  # MLflow's UI: the model-training view
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
     with pytest.raises(ValueError), tracking.tracked_run("states") as run:
         raise ValueError("boom")
     assert store.get_run(run.info.run_id).info.status == "FAILED"
