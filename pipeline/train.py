@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,19 @@ def resume_best(model: keras.Model, directory: Path, state: CheckpointState | No
     return best
 
 
+def run_identity() -> dict[str, Any]:
+    """A new run's name and tags: the DVC experiment's name (DVC sets DVC_EXP_NAME in
+    `dvc exp run`) and its baseline commit, or the time it started. MLflow's own random names
+    repeat here, drawn after the stage has seeded Python's `random`."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if not experiment:
+        return {"run_name": f"train-{time.strftime('%Y%m%d-%H%M%S')}"}
+    tags = {"dvc.experiment": experiment}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return {"run_name": experiment, "tags": tags}
+
+
 # --- outputs ------------------------------------------------------------------------------------
 
 
@@ -174,9 +189,8 @@ def main() -> None:
             model = load_model(paths.checkpoint / state.model_file)  # compiled, with optimiser
     best = resume_best(model, paths.checkpoint, state)
 
-    with tracking.tracked_run(
-        params.mlflow.experiment, run_id=state.run_id if state else None
-    ) as run:
+    identity = {"run_id": state.run_id} if state else run_identity()  # a resumed run keeps its name
+    with tracking.tracked_run(params.mlflow.experiment, **identity) as run:
         run_id = run.info.run_id
         if state is None:
             tracking.log_params(params)

@@ -24,6 +24,7 @@ def test_queued_experiments_log_to_the_workspace_mlflow_store(tmp_path: Path) ->
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project
     )
     assert commit.returncode == 0, commit.stderr
+    commit_sha = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
 
     default = str(yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"])
     for learning_rate in ("0.031", "0.017"):
@@ -55,7 +56,11 @@ def test_queued_experiments_log_to_the_workspace_mlflow_store(tmp_path: Path) ->
     runs = client.search_runs([experiment.experiment_id])
     rates = sorted(r.data.params["train.learning_rate"] for r in runs)
     assert rates == sorted([default, "0.031", "0.017"])  # the workspace's run, both queued ones
+    assert len({r.info.run_name for r in runs}) == 3  # told apart by name
     for run_ in runs:
+        if run_.data.params["train.learning_rate"] != default:  # named after its experiment
+            assert run_.info.run_name == run_.data.tags["dvc.experiment"] != ""
+            assert run_.data.tags["dvc.baseline_rev"] == commit_sha
         assert run_.info.status == "FINISHED"
         assert "test_accuracy" in run_.data.metrics  # evaluate continued each run
         artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}

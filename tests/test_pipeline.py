@@ -283,6 +283,7 @@ def test_an_interrupted_repro_ends_its_run_killed_and_the_next_one_resumes(tmp_p
     assert run_id_of(project) == killed.info.run_id  # one run for the whole execution
     final = client.get_run(killed.info.run_id)
     assert final.info.status == "FINISHED"
+    assert final.info.run_name == killed.info.run_name and final.info.run_name.startswith("train-")
     steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val_accuracy")]
     assert sorted(steps) == list(range(1, 61))  # every epoch exactly once
     epochs = [
