@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro recipe tune handback test lint lock
+.PHONY: install repro recipe reproduce tune handback dashboard test lint lock
 
 # Reinstalls only when the declared dependencies or the lock change.
 $(STAMP): pyproject.toml requirements.lock
@@ -23,6 +23,11 @@ repro: $(STAMP)
 recipe: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pipeline.recipe $(NAME)
 
+# An MLflow run's configuration back into params.yaml (`make reproduce RUN=<run id>`); then
+# `make repro` re-creates the run.
+reproduce: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pipeline.reproduce $(RUN)
+
 # The Optuna sweep (sweep/dvc.yaml); never part of `make repro`. Then `make handback` writes the
 # best values into params.yaml, and `make repro` trains and evaluates that configuration.
 tune: $(STAMP)
@@ -30,6 +35,10 @@ tune: $(STAMP)
 
 handback: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pipeline.handback
+
+# optuna-dashboard on the sweep's study (tune.storage, or OPTUNA_STORAGE): `make dashboard PORT=8080`.
+dashboard: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pipeline.dashboard --port $(or $(PORT),8080)
 
 test: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)

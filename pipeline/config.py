@@ -7,7 +7,7 @@ dotted key, the value found and what is allowed.
 
 from __future__ import annotations
 
-import copy
+import os
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +31,7 @@ from pydantic import (
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+STORAGE_ENV = "OPTUNA_STORAGE"  # overrides tune.storage (workers sharing a study)
 RECIPES_DIR = Path("recipes")  # named sets of params.yaml values (see load_recipe)
 CIFAR10_TRAIN_IMAGES = 50_000  # the official training batches hold 5 x 10,000 images
 
@@ -79,6 +80,7 @@ class PathsParams(Section):
     history: RelativePath
     train_metrics: RelativePath
     test_metrics: RelativePath
+    test_per_class: RelativePath
     confusion: RelativePath
     plots: RelativePath
     best_params: RelativePath
@@ -183,7 +185,9 @@ class ChoiceParams(Section):
 
 
 def _dimension_kind(value: Any) -> str:
-    return "<choices>" if isinstance(value, Mapping) and "choices" in value else "<range>"
+    """The union's tag, for YAML being validated and for a model being serialised."""
+    choices = isinstance(value, ChoiceParams) or (isinstance(value, Mapping) and "choices" in value)
+    return "<choices>" if choices else "<range>"
 
 
 # The tags are left out of the keys that errors name (see _key).
@@ -211,6 +215,8 @@ class TuneParams(Section):
     grace_seconds: Annotated[Int, Field(gt=0)]
     connect_seconds: Annotated[Int, Field(gt=0)]
     space: Annotated[dict[str, Dimension], Field(min_length=1)]  # by dotted key: train.momentum
+    # Starting points queued after params.yaml's own values: dotted tune.space keys to values.
+    enqueue: tuple[dict[str, StrictBool | StrictInt | Number | StrictStr | None], ...]
 
     @model_validator(mode="after")
     def _grace_outlasts_a_heartbeat(self) -> TuneParams:
@@ -247,20 +253,17 @@ class Params(Section):
     def _space_is_tunable(self) -> Params:
         """Every tune.space key names a model or train param, and every value it can take is
         one that param accepts, in the trial's own configuration as the sweep trains it."""
-        tree = self.plain()
-        flat = flatten(tree)
+        flat = self.flat()
         for dotted, dimension in self.tune.space.items():
             where = f"tune.space.{dotted}"
-            section = dotted.split(".", 1)[0]
-            if section not in TUNABLE_SECTIONS:
+            if dotted.split(".", 1)[0] not in TUNABLE_SECTIONS:
                 raise ValueError(f"{where}: only model.* and train.* params can be tuned")
             if dotted not in flat:
                 raise ValueError(f"{where}: params.yaml has no key {dotted!r}")
-            integer = isinstance(flat[dotted], int) and not isinstance(flat[dotted], bool)
             values: list[object]
             if isinstance(dimension, ChoiceParams):
                 values = list(dimension.choices)
-            elif integer:
+            elif is_integer(flat[dotted]):
                 if not (dimension.low.is_integer() and dimension.high.is_integer()):
                     raise ValueError(
                         f"{where}: {dotted} is an integer, so low and high must be integers"
@@ -269,17 +272,49 @@ class Params(Section):
             else:
                 values = [dimension.low, dimension.high]
             for value in values:
-                trial = copy.deepcopy(tree)
-                for key, changed in trial_values(self, {dotted: value}).items():
-                    set_dotted(trial, key, changed, where)
-                model = ModelParams if section == "model" else TrainParams
-                try:
-                    model.model_validate(trial[section])
-                except ValidationError as error:
-                    reason = describe(error, (section,))
-                    refused = f"{where}: the value {value!r} is refused ({reason})"
-                    raise ValueError(refused) from None
+                self._check_trial(where, {dotted: value})
+        for index, point in enumerate(self.tune.enqueue):
+            where = f"tune.enqueue[{index}]"
+            for dotted, value in point.items():
+                if dotted not in self.tune.space:
+                    raise ValueError(f"{where}.{dotted}: not a key of tune.space")
+                dimension = self.tune.space[dotted]
+                if not in_space(value, dimension, integer=is_integer(flat[dotted])):
+                    allowed = (
+                        f"one of {list(dimension.choices)}"
+                        if isinstance(dimension, ChoiceParams)
+                        else f"from {dimension.low:g} to {dimension.high:g}"
+                    )
+                    raise ValueError(f"{where}.{dotted} = {value!r}: tune.space allows {allowed}")
+            self._check_trial(where, point)
         return self
+
+    def _check_trial(self, where: str, values: Mapping[str, Any]) -> None:
+        """Raises if a trial with these values would have a configuration params refuses."""
+        trial = self.plain()
+        for key, changed in trial_values(self, values).items():
+            set_dotted(trial, key, changed, where)
+        for section in {key.split(".", 1)[0] for key in values}:
+            model = ModelParams if section == "model" else TrainParams
+            try:
+                model.model_validate(trial[section])
+            except ValidationError as error:
+                shown = next(iter(values.values())) if len(values) == 1 else dict(values)
+                reason = describe(error, (section,))
+                raise ValueError(f"{where}: the value {shown!r} is refused ({reason})") from None
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def in_space(value: Any, dimension: RangeParams | ChoiceParams, integer: bool) -> bool:
+    """Whether a sweep could draw `value` from `dimension` (an integer key draws integers)."""
+    if isinstance(dimension, ChoiceParams):
+        return any(value == c and type(value) is type(c) for c in dimension.choices)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return (not integer or is_integer(value)) and dimension.low <= value <= dimension.high
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -439,3 +474,17 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def storage_url(params: TuneParams) -> str:
+    """OPTUNA_STORAGE, when set, overrides tune.storage."""
+    return os.environ.get(STORAGE_ENV, "").strip() or params.storage
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password, for tags and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"

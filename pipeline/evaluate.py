@@ -1,4 +1,4 @@
-"""Stage `evaluate`: paths.model on the test split -> test metrics, confusion matrix, plots.
+"""Stage `evaluate`: paths.model on the test split -> test metrics (overall, per class), plots.
 
 Continues the MLflow run that train opened (paths.run_info), logs the test figures, logs the
 model with its signature and registers it; the champion alias moves only to a better model.
@@ -178,7 +178,9 @@ def main() -> None:
         probabilities = model.predict(input_pipeline(test, EVAL_BATCH_SIZE), verbose=0)
         result = evaluate(probabilities, test.labels.astype(np.int64), len(class_names))
         report = metrics_report(result, class_names)
-        write_json(report, paths.test_metrics)
+        summary = {key: value for key, value in report.items() if key != "per_class"}
+        write_json(summary, paths.test_metrics)  # what `dvc exp show` compares
+        write_json(report["per_class"], paths.test_per_class)
         write_text(confusion_csv(test.labels, result.predictions, class_names), paths.confusion)
         draw_confusion(result.confusion, class_names, paths.plots / CONFUSION_PNG)
         draw_misclassified(test, result, class_names, paths.plots / MISCLASSIFIED_PNG)
@@ -186,7 +188,8 @@ def main() -> None:
         tracking.log_dataset(test, "test", paths.prepared / "test", "test")
         tracking.log_summary(flat_metrics(report))
         tracking.log_artifacts(
-            [paths.test_metrics, paths.confusion, PARAMS_FILE, tracking.DVC_LOCK]
+            [paths.test_metrics, paths.test_per_class, paths.confusion, PARAMS_FILE]
+            + [tracking.DVC_LOCK]
         )
         tracking.log_artifacts(
             [paths.plots / CONFUSION_PNG, paths.plots / MISCLASSIFIED_PNG], "plots"

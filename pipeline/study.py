@@ -17,23 +17,25 @@ import optuna
 import tenacity
 
 from pipeline import tracking
-from pipeline.config import Params, TuneParams
+from pipeline.config import (
+    STORAGE_ENV,
+    Params,
+    TuneParams,
+    in_space,
+    is_integer,
+    redacted,
+    storage_url,
+)
 from pipeline.errors import PipelineError
 from pipeline.retry import describe, retrying
 from pipeline.stage import pause
 
 log = logging.getLogger(__name__)
 
-STORAGE_ENV = "OPTUNA_STORAGE"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CANDIDATE_TAG = "optuna.parent_candidate"  # on every worker's candidate for the parent run
 MAX_RETRIES = 3  # times a failed trial's values are queued again
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
-def storage_url(params: TuneParams) -> str:
-    """OPTUNA_STORAGE, when set, overrides tune.storage."""
-    return os.environ.get(STORAGE_ENV, "").strip() or params.storage
 
 
 def make_sampler(params: TuneParams) -> optuna.samplers.BaseSampler:
@@ -187,8 +189,10 @@ def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> 
     stored whole with its attributes, so the candidate in trial 0 is the parent for every
     worker, and each other worker deletes its own. A worker that fails or dies at any point
     leaves at most an unused candidate behind (settle deletes it later); it never blocks the
-    workers after it.
+    workers after it. The worker whose candidate becomes the parent of a new study also queues
+    its starting points, so they are queued once.
     """
+    new_study = not study.get_trials(deepcopy=False)
     claims = optuna.create_study(
         storage=storage, study_name=f"{study.study_name}:mlflow-parent", load_if_exists=True
     )
@@ -214,9 +218,30 @@ def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> 
     winner = str(min(recorded, key=lambda claim: claim.number).user_attrs["run_id"])
     if candidate is not None and candidate != winner:
         tracking.delete_runs(params.mlflow.experiment, f"attributes.run_id = '{candidate}'")
+    if candidate == winner and new_study:
+        queue_starting_points(study, params)
     if study.user_attrs.get(PARENT_RUN_ATTR) != winner:  # shown beside the study, for users
         study.set_user_attr(PARENT_RUN_ATTR, winner)
     return winner
+
+
+def queue_starting_points(study: optuna.Study, params: Params) -> None:
+    """A new study's first trials: params.yaml's own values of the tuned keys (so the sweep
+    measures what you have and hands back nothing it did not beat), then tune.enqueue. A value
+    outside tune.space is left to the sampler."""
+    current = params.flat()
+    own = {}
+    for key, dimension in params.tune.space.items():
+        if in_space(current[key], dimension, integer=is_integer(current[key])):
+            own[key] = current[key]
+        else:
+            log.warning("%s = %r is outside tune.space: trial 0 draws it", key, current[key])
+    points = [("params.yaml", own), *(
+        (f"tune.enqueue[{index}]", point) for index, point in enumerate(params.tune.enqueue)
+    )]  # fmt: skip
+    for source, point in points:
+        study.enqueue_trial(dict(point), user_attrs={"starting_point": source}, skip_if_exists=True)
+    log.info("queued %d starting points: params.yaml's values and tune.enqueue", len(points))
 
 
 def candidates_of(study: optuna.Study) -> str:
@@ -262,12 +287,3 @@ def settle(study: optuna.Study, storage: Storage, params: Params, parent_run_id:
             reason = f"not needed: the study already has its {tune.n_trials} trials"
             storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-
-
-def redacted(url: str) -> str:
-    """A database URL without its password, for tags and logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"

@@ -103,8 +103,10 @@ def tracked_run(
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
     finished_on: tuple[type[BaseException], ...] = (),
+    system_metrics: bool = False,
 ) -> Iterator[Run]:
-    """Starts (or, given `run_id`, resumes) a run and always ends it.
+    """Starts (or, given `run_id`, resumes) a run and always ends it; with `system_metrics`,
+    MLflow samples the machine's CPU, memory and disk use into it while it is open.
 
     FINISHED on success or on an exception in `finished_on` (a pruned trial is not a failure),
     KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from stage.stop_point), FAILED on any other
@@ -118,6 +120,7 @@ def tracked_run(
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,
         tags=dict(tags) if tags else None,
+        log_system_metrics=system_metrics,
     )
     log.info(
         "MLflow run %s (%s) in experiment %r at %s",
@@ -221,8 +224,34 @@ def wait_for_store(seconds: float) -> None:
         ) from None
 
 
+def get_run(run_id: str) -> Run:
+    """A run of the store, or one line naming what is wrong: no such run, or no store."""
+    use_store()
+    wait_for_store(10)
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise PipelineError(f"MLflow run {run_id!r}: not found in {tracking_uri()}") from None
+        raise PipelineError(
+            f"MLflow run {run_id!r}: cannot read it from {tracking_uri()}: {describe(error)}"
+        ) from None
+
+
 def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
+
+
+def set_description(markdown: str) -> None:
+    """The active run's description, which the MLflow UI shows at the top of the run."""
+    mlflow.set_tag("mlflow.note.content", markdown)
+
+
+def run_link(run_id: str) -> str:
+    """A link to a run of the active run's experiment, as the MLflow UI routes it."""
+    active = mlflow.active_run()
+    assert active is not None, "run_link needs an active run"
+    return f"#/experiments/{active.info.experiment_id}/runs/{run_id}"
 
 
 def flat_params(params: Params) -> dict[str, Any]:
@@ -414,6 +443,7 @@ def log_and_register_model(
     better = previous is None or test_accuracy > previous[1]
     if better:
         client.set_registered_model_alias(registered_model, alias, version)
+        record_alias_move(client, registered_model, alias, version, previous)
         log.info(
             "%s version %s is the new @%s (test accuracy %.4f)",
             registered_model,
@@ -428,6 +458,27 @@ def log_and_register_model(
             registered_model, version, test_accuracy, alias, previous[0], previous[1],
         )  # fmt: skip
     return Registration(version, better, None if previous is None else previous[0])
+
+
+def record_alias_move(
+    client: MlflowClient,
+    registered_model: str,
+    alias: str,
+    version: str,
+    previous: tuple[str, float] | None,
+) -> None:
+    """Tags both versions with the move, as MLflow keeps no history of an alias: the new one
+    `<alias>.since` and `<alias>.replaced`, the old one `<alias>.until` and
+    `<alias>.replaced_by`. The version that held the alias at time T is the one whose `since`
+    is at or before T and whose `until` is absent or after it (ISO 8601 times, UTC)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_model_version_tag(registered_model, version, f"{alias}.since", now)
+    client.set_model_version_tag(
+        registered_model, version, f"{alias}.replaced", previous[0] if previous else "none"
+    )
+    if previous is not None:
+        client.set_model_version_tag(registered_model, previous[0], f"{alias}.until", now)
+        client.set_model_version_tag(registered_model, previous[0], f"{alias}.replaced_by", version)
 
 
 def champion_accuracy(registered_model: str, alias: str) -> tuple[str, float] | None:

@@ -190,7 +190,7 @@ def main() -> None:
     best = resume_best(model, paths.checkpoint, state)
 
     identity = {"run_id": state.run_id} if state else run_identity()  # a resumed run keeps its name
-    with tracking.tracked_run(params.mlflow.experiment, **identity) as run:
+    with tracking.tracked_run(params.mlflow.experiment, system_metrics=True, **identity) as run:
         run_id = run.info.run_id
         if state is None:
             tracking.log_params(params)
@@ -222,7 +222,7 @@ def main() -> None:
         )
         save_model(portable(model, params.model), paths.model)
         write_text(history_csv(history), paths.history)
-        write_json(summary, paths.train_metrics)
+        write_json({**summary, "mlflow_run_id": run_id}, paths.train_metrics)  # for dvc exp show
         tracking.log_summary(
             {key: value for key, value in summary.items() if key.startswith(("best_", "model_"))}
         )

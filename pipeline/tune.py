@@ -31,6 +31,7 @@ from pipeline.config import (
     ChoiceParams,
     Params,
     load_params,
+    redacted,
     trial_values,
     with_values,
 )
@@ -44,7 +45,6 @@ from pipeline.study import (
     Storage,
     finished_trials,
     open_study,
-    redacted,
     settle,
     shared_parent_run,
 )
@@ -271,6 +271,28 @@ def draw_plots(study: optuna.Study, folder: Path) -> list[Path]:
     return drawn
 
 
+def sweep_description(study: optuna.Study, tuned: list[str]) -> str:
+    """The parent run's description: every trial, best first, each linked to its MLflow run."""
+    trials = sorted(
+        study.get_trials(deepcopy=False),
+        key=lambda t: (t.value is None, -(t.value or 0.0), t.number),
+    )
+    lines = [
+        f"Optuna study `{study.study_name}`: {len(trials)} trials, best first.",
+        "",
+        "| trial | state | val_accuracy | " + " | ".join(tuned) + " |",
+        "|---" * (3 + len(tuned)) + "|",
+    ]
+    for trial in trials:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        number = f"[{trial.number}]({tracking.run_link(run_id)})" if run_id else str(trial.number)
+        value = "" if trial.value is None else f"{trial.value:.4f}"
+        values = (f"{trial.params[k]:.3g}" if isinstance(trial.params.get(k), float)
+                  else str(trial.params.get(k, "")) for k in tuned)  # fmt: skip
+        lines.append(f"| {number} | {trial.state.name} | {value} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(study: optuna.Study, params: Params) -> dict[str, Any]:
     paths = params.paths
     write_text(trials_table(study, list(params.tune.space)), paths.trials)
@@ -284,6 +306,7 @@ def write_outputs(study: optuna.Study, params: Params) -> dict[str, Any]:
             for name, value in best["params"].items()
         }
     )
+    tracking.set_description(sweep_description(study, list(params.tune.space)))
     tracking.log_artifacts([paths.trials, paths.best_params])
     tracking.log_artifacts(plots, "plots")
     return best

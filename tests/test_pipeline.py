@@ -47,6 +47,7 @@ def run_id_of(project: Path) -> str:
 def repro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str], str]]:
     """One real `dvc repro` of the five stages, shared by the tests that only read its results."""
     project, env = new_project(tmp_path_factory.mktemp("repro"))
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.2"  # MLflow's 10 s outlasts a tiny run
     result = run(["dvc", "repro"], project, **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     yield project, env, result.stdout
@@ -77,12 +78,34 @@ def test_dvc_repro_runs_the_five_stages_then_nothing(
         "macro_recall",
         "macro_f1",
     }
-    assert set(test["per_class"]["cat"]) == {"precision", "recall", "f1", "support"}
+    per_class = json.loads((project / "metrics/test_per_class.json").read_text())
+    assert set(per_class["cat"]) == {"precision", "recall", "f1", "support"}
     assert len((project / "plots/confusion.csv").read_text().splitlines()) == 1 + 30
 
     again = run(["dvc", "repro"], project, **env)
     assert again.returncode == 0, again.stderr
     assert "Running stage" not in again.stdout
+
+    # `dvc exp show` leads with what experiments differ in; the data report and the per-class
+    # figures are a `dvc metrics show PATH` away.
+    shown = run(["dvc", "exp", "show", "--csv"], project, **env)
+    assert shown.returncode == 0, shown.stderr
+    header = shown.stdout.splitlines()[0].split(",")
+    figures = header[header.index("test_loss") :]
+    assert figures[:5] == [
+        "test_loss",
+        "test_accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+    ]
+    train_figures = figures[: figures.index("mlflow_run_id") + 1]
+    assert {"best_epoch", "best_val_accuracy", "best_val_loss"} <= set(train_figures)
+    assert len(train_figures) < 25 and figures[len(train_figures)].startswith("train.")
+    assert not {"images", "per_class.cat", "cat.f1", "mean_rgb"} & set(header)
+    assert run_id_of(project) in shown.stdout
+    report = run(["dvc", "metrics", "show", "--json", "metrics/data.json"], project, **env)
+    assert '"images": 30' in report.stdout.replace("\n", "")
 
     plots = run(["dvc", "plots", "show", "--json"], project, **env)
     assert plots.returncode == 0, plots.stderr
@@ -157,6 +180,8 @@ def test_the_mlflow_run_holds_params_metrics_tags_inputs_artifacts(
     assert inputs == {
         split: outs[f"data/prepared/{split}"] for split in ("train", "validation", "test")
     }
+    system = [key for key in metrics if key.startswith("system/")]  # MLflow's own sampling
+    assert "system/cpu_utilization_percentage" in system, sorted(metrics)
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert {
         "params.yaml",

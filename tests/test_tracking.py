@@ -71,6 +71,12 @@ def test_the_champion_alias_moves_only_to_a_more_accurate_version(store: MlflowC
     ]  # fmt: skip
     assert str(store.get_model_version_by_alias("tiny", "champion").version) == "3"
     assert store.get_model_version("tiny", "2").tags["test_accuracy"] == "0.400000"
+    # Each move of the alias is on the versions: who held it from when until when.
+    tags = {v: store.get_model_version("tiny", v).tags for v in ("1", "2", "3", "4")}
+    assert tags["1"]["champion.replaced"] == "none" and tags["1"]["champion.replaced_by"] == "3"
+    assert tags["3"]["champion.replaced"] == "1" and "champion.until" not in tags["3"]
+    assert tags["1"]["champion.since"] <= tags["1"]["champion.until"] == tags["3"]["champion.since"]
+    assert not any(key.startswith("champion.") for key in {**tags["2"], **tags["4"]})
 
 
 def test_evaluation_figures_from_probabilities() -> None:

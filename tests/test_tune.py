@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from pipeline.config import update_params_file
 from pipeline.handback import apply_best
 from tests.helpers import (
     copy_project,
+    free_port,
     run,
     run_env,
     tiny_project,
@@ -106,9 +108,28 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
     plots = {p.name for p in (project / "sweep/plots").iterdir()}
     assert {"optimization_history.png", "parallel_coordinate.png"} <= plots
 
+    # The first trial measured params.yaml's own values: the sweep never hands back less.
+    params_text = (project / "params.yaml").read_text()
+    shipped = yaml.safe_load(params_text)
+    assert study.trials[0].params == {
+        key: shipped[key.split(".")[0]][key.split(".")[1]] for key in SWEEP["space"]
+    }
+    assert study.trials[0].user_attrs["starting_point"] == "params.yaml"
+    assert study.best_value >= study.trials[0].value
+
     client, parents, children = mlflow_runs(project)
     (parent,) = parents
     assert parent.info.status == "FINISHED" and parent.info.run_name == f"sweep-{STUDY}"
+    description = parent.data.tags["mlflow.note.content"].splitlines()
+    rows = [line for line in description if line.startswith("| [")]
+    assert len(rows) == 3 and rows[0].startswith(f"| [{study.best_trial.number}](#/experiments/")
+    for child in children:  # each trial links to its own run
+        assert sum(f"/runs/{child.info.run_id})" in row for row in rows) == 1
+    for run_id in (parent.info.run_id, children[0].info.run_id):  # they trained nothing alone
+        refused = run(["python", "-m", "pipeline.reproduce", run_id], project, **env)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert "pipeline.handback" in refused.stderr
+    assert (project / "params.yaml").read_text() == params_text
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value, abs=1e-6)
     assert {"trials.csv", "best_params.yaml", "plots"} <= {
@@ -189,6 +210,35 @@ def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_p
     assert all(c.info.status == "FINISHED" for c in children)
     table = (project / "sweep/trials.csv").read_text()
     assert table.count(",PRUNED,") == 2 and "pruned_reason" in table.splitlines()[0]
+    assert "starting_point" not in table  # a study that had trials queues no starting points
+
+    # The study's own dashboard, on its real storage, read back through its HTTP API.
+    port = free_port()
+    dashboard = subprocess.Popen(
+        ["python", "-m", "pipeline.dashboard", "--port", str(port)], cwd=project,
+        env=run_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert dashboard.stdout is not None
+        assert dashboard.stdout.readline().strip().endswith(f"http://127.0.0.1:{port}/")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as response:
+                    studies = json.loads(response.read())["study_summaries"]
+                break
+            except OSError:
+                assert dashboard.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        (summary,) = [s for s in studies if s["study_name"] == STUDY]
+        url = f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}?after=0"
+        with urllib.request.urlopen(url) as response:
+            shown = json.loads(response.read())["trials"]
+        assert [t["state"] for t in shown] == ["Complete", "Pruned", "Pruned"]
+    finally:
+        os.killpg(dashboard.pid, signal.SIGINT)
+        dashboard.wait(timeout=30)
 
 
 def test_a_killed_sweep_resumes_and_its_dead_trial_is_failed_and_retried(tmp_path: Path) -> None:
