@@ -187,10 +187,8 @@ def main() -> None:
 
         tracking.log_dataset(test, "test", paths.prepared / "test", "test")
         tracking.log_summary(flat_metrics(report))
-        tracking.log_artifacts(
-            [paths.test_metrics, paths.test_per_class, paths.confusion, PARAMS_FILE]
-            + [tracking.DVC_LOCK]
-        )
+        tables = [paths.test_metrics, paths.test_per_class, paths.confusion]
+        tracking.log_artifacts([*tables, PARAMS_FILE, tracking.DVC_LOCK])
         tracking.log_artifacts(
             [paths.plots / CONFUSION_PNG, paths.plots / MISCLASSIFIED_PNG], "plots"
         )
