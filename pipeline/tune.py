@@ -105,7 +105,7 @@ class Objective:
         self.number: int | None = None  # the trial in hand
         self.unstored_run_id: str | None = None  # its run, until Optuna has stored its result
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         self.number, self.unstored_run_id = trial.number, None
         try:
             return self.run(trial)
@@ -116,7 +116,7 @@ class Objective:
                 f"{describe(error)}; this worker stops"
             ) from None
 
-    def run(self, trial: optuna.Trial) -> float:
+    def run(self, trial: optuna.Trial) -> float | tuple[float, float]:
         previous_run = trial.user_attrs.get("mlflow_run_id")  # a retry inherits its attributes
         if previous_run:
             tracking.end_abandoned_run(previous_run, "FAILED", f"retried as trial {trial.number}")
@@ -171,11 +171,16 @@ class Objective:
             tracking.set_tags({"optuna.state": "COMPLETE"})
             tracking.log_summary({"objective_val_accuracy": outcome.value})
         pause_for_fault_tests("store", trial.number)
+        if self.params.tune.multi_objective:
+            return outcome.value, outcome.fit_seconds
         return outcome.value
 
     def judge(self, trial: optuna.Trial, epoch: Epoch) -> bool:
-        """Reports an epoch to Optuna (retried through a database restart); True: prune."""
+        """Reports an epoch to Optuna (retried through a database restart); True: prune.
+        A multi-objective study takes no reports: Optuna cannot prune it."""
         trial.set_user_attr("epochs", epoch.epoch)
+        if self.params.tune.multi_objective:
+            return False
         trial.report(epoch.val_accuracy, step=epoch.epoch)
         return bool(trial.should_prune())
 
@@ -215,14 +220,27 @@ class OneLineErrors(logging.Filter):
 
 def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     reason = trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason") or ""
-    log.info("trial %d %s: value %s %s", trial.number, trial.state.name, trial.value, reason)
+    log.info("trial %d %s: values %s %s", trial.number, trial.state.name, trial.values, reason)
 
 
 # --- outputs ------------------------------------------------------------------------------------
 
 
+def accuracy(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The trial's validation accuracy: its value, or its first of several."""
+    return trial.values[0] if trial.values else None
+
+
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """A multi-objective study's best trade-offs, most accurate first; [] for one objective."""
+    if len(study.directions) < 2:
+        return []
+    return sorted(study.best_trials, key=lambda t: (-(accuracy(t) or 0.0), t.number))
+
+
 def trials_table(study: optuna.Study, tuned: list[str]) -> str:
-    """Every trial as CSV: number, state, params, value, duration (s), epochs run, reason."""
+    """Every trial as CSV: number, state, params, value (validation accuracy), duration (s),
+    epochs run, reason; `pareto` marks a multi-objective study's front."""
     frame = study.trials_dataframe(
         attrs=("number", "state", "params", "value", "duration", "user_attrs")
     )
@@ -231,37 +249,59 @@ def trials_table(study: optuna.Study, tuned: list[str]) -> str:
     frame["duration"] = frame["duration"].dt.total_seconds().round(2)
     frame = frame.rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
     frame = frame.rename(columns={"duration": "duration_s", "epochs": "epochs_run"})
+    if "values_0" in frame:  # the second objective is the fit_seconds column already
+        frame = frame.rename(columns={"values_0": "value"}).drop(columns="values_1")
+        front = {t.number for t in pareto_front(study)}
+        frame.insert(0, "pareto", frame["number"].isin(front))
     first = ["number", "state", *tuned, "value", "duration_s", "epochs_run"]
     columns = [c for c in first if c in frame] + [c for c in frame if c not in first]
     return str(frame[columns].to_csv(index=False))
 
 
 def best_trial_report(study: optuna.Study) -> dict[str, Any]:
-    best = study.best_trial
-    return {
+    """The most accurate complete trial (what `pipeline.handback` hands back), and for a
+    multi-objective study its Pareto front."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    best = max(complete, key=lambda t: accuracy(t) or 0.0)  # the first, on a tie
+    report: dict[str, Any] = {
         "study": study.study_name,
         "trial": best.number,
-        "val_accuracy": round(float(best.value), 6) if best.value is not None else None,
+        "val_accuracy": round(float(accuracy(best) or 0.0), 6),
         "params": dict(best.params),
     }
+    if len(study.directions) > 1:
+        report["pareto_front"] = [
+            {"trial": t.number, "val_accuracy": round(t.values[0], 6),
+             "fit_seconds": round(t.values[1], 2), "params": dict(t.params)}
+            for t in pareto_front(study)
+        ]  # fmt: skip
+    return report
 
 
 def draw_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optimisation history, parameter importances and parallel coordinates, as PNG files."""
+    """Optimisation history, parameter importances and parallel coordinates (of validation
+    accuracy), and a multi-objective study's Pareto front, as PNG files."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
     folder.mkdir(parents=True, exist_ok=True)
     drawn = []
     complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    plots: dict[str, Callable[[optuna.Study], Any]] = {
+    by_accuracy: dict[str, Any] = {}
+    plots: dict[str, Callable[..., Any]] = {
         "optimization_history.png": optuna_plots.plot_optimization_history,
         "parallel_coordinate.png": optuna_plots.plot_parallel_coordinate,
     }
     if complete >= 2:  # importances need at least two finished, different trials
         plots["param_importances.png"] = optuna_plots.plot_param_importances
+    if len(study.directions) > 1:
+        by_accuracy = {"target": accuracy, "target_name": "val_accuracy"}
+        plots["pareto_front.png"] = optuna_plots.plot_pareto_front
     for name, plot in plots.items():
-        axes = plot(study)
+        if name == "pareto_front.png":
+            axes = plot(study, target_names=["val_accuracy", "fit_seconds"])
+        else:
+            axes = plot(study, **by_accuracy)
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         figure.set_size_inches(10, 6)
         figure.tight_layout()
@@ -275,7 +315,7 @@ def sweep_description(study: optuna.Study, tuned: list[str]) -> str:
     """The parent run's description: every trial, best first, each linked to its MLflow run."""
     trials = sorted(
         study.get_trials(deepcopy=False),
-        key=lambda t: (t.value is None, -(t.value or 0.0), t.number),
+        key=lambda t: (accuracy(t) is None, -(accuracy(t) or 0.0), t.number),
     )
     lines = [
         f"Optuna study `{study.study_name}`: {len(trials)} trials, best first.",
@@ -286,7 +326,7 @@ def sweep_description(study: optuna.Study, tuned: list[str]) -> str:
     for trial in trials:
         run_id = trial.user_attrs.get("mlflow_run_id")
         number = f"[{trial.number}]({tracking.run_link(run_id)})" if run_id else str(trial.number)
-        value = "" if trial.value is None else f"{trial.value:.4f}"
+        value = "" if accuracy(trial) is None else f"{accuracy(trial):.4f}"
         values = (f"{trial.params[k]:.3g}" if isinstance(trial.params.get(k), float)
                   else str(trial.params.get(k, "")) for k in tuned)  # fmt: skip
         lines.append(f"| {number} | {trial.state.name} | {value} | " + " | ".join(values) + " |")

@@ -356,3 +356,36 @@ def test_a_worker_that_died_while_creating_the_parent_run_blocks_nobody(tmp_path
     assert client.get_run(orphan).info.lifecycle_stage == "deleted"
     assert [c.data.tags["mlflow.parentRunId"] for c in children] == [claimed]
     assert load(project).user_attrs["mlflow_parent_run_id"] == claimed
+
+
+def test_a_two_objective_sweep_draws_its_pareto_front_and_hands_back_any_trial(
+    tmp_path: Path,
+) -> None:
+    project, env = sweep_project(
+        tmp_path, objectives="val_accuracy+fit_seconds", pruner="none", n_trials=3, epochs=1
+    )
+    result = run(["dvc", "repro", "sweep/dvc.yaml"], project, **env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    study = load(project)
+    assert len(study.directions) == 2 and len(study.trials) == 3
+    front = {t.number for t in study.best_trials}
+    best = yaml.safe_load((project / "sweep/best_params.yaml").read_text())
+    assert {entry["trial"] for entry in best["pareto_front"]} == front
+    accuracies = [entry["val_accuracy"] for entry in best["pareto_front"]]
+    assert accuracies == sorted(accuracies, reverse=True) and best["val_accuracy"] == accuracies[0]
+    table = (project / "sweep/trials.csv").read_text().splitlines()
+    header = table[0].split(",")
+    marked = {int(row.split(",")[header.index("number")]) for row in table[1:]
+              if row.split(",")[header.index("pareto")] == "True"}  # fmt: skip
+    assert marked == front
+    assert (project / "sweep/plots/pareto_front.png").is_file()
+
+    chosen = max(front)  # any trial by number, the most accurate or not
+    handed = run(["python", "-m", "pipeline.handback", "--trial", str(chosen)], project, **env)
+    assert handed.returncode == 0, handed.stderr
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in study.trials[chosen].params.items():
+        section, name = key.split(".")
+        assert params[section][name] == pytest.approx(value, rel=5e-3)  # 3 significant figures
+    missing = run(["python", "-m", "pipeline.handback", "--trial", "99"], project, **env)
+    assert missing.returncode == 1 and "has no trial 99 (its trials: 0 to 2)" in missing.stderr
