@@ -13,10 +13,26 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# DVC's plots page loads Vega from a CDN, so offline its charts stay blank. This page carries
+# Vega, Vega-Lite and Vega-Embed from package-lock.json inline; .dvc/config points DVC at it.
+PLOTS_PAGE := .dvc/plots/offline.html
+VEGA := vega/build/vega.min.js vega-lite/build/vega-lite.min.js vega-embed/build/vega-embed.min.js
+
+$(PLOTS_PAGE): package-lock.json
+	npm ci --no-audit --no-fund --silent
+	mkdir -p $(dir $@)
+	{ echo '<!DOCTYPE html><html><head><meta charset="utf-8"><title>DVC plots</title>'; \
+	  for lib in $(VEGA); do echo '<script>'; cat node_modules/$$lib; echo '</script>'; done; \
+	  echo '<script>const embed = vegaEmbed; vegaEmbed = (el, spec, options) =>'; \
+	  echo '  embed(el, spec, {renderer: "svg", ...options});</script>'; \
+	  echo '<style>table { border-spacing: 15px; }</style></head><body>'; \
+	  echo '{plot_divs}</body></html>'; } > $@.tmp
+	mv $@.tmp $@
+
+install: $(STAMP) $(PLOTS_PAGE)
 
 # The stages call `python -m pipeline.<stage>`: the venv goes first on PATH.
-repro: $(STAMP)
+repro: $(STAMP) $(PLOTS_PAGE)
 	PATH="$(BIN):$$PATH" dvc repro
 
 # Writes a recipe (recipes/NAME.yaml) into params.yaml: `make recipe NAME=fast`; no NAME lists them.
@@ -41,7 +57,7 @@ handback: $(STAMP)
 dashboard: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pipeline.dashboard --port $(or $(PORT),8080)
 
-test: $(STAMP)
+test: $(STAMP) $(PLOTS_PAGE)
 	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -287,9 +287,13 @@ def copy_project(destination: Path) -> Path:
         ["git", "init", "-q"],
         ["dvc", "init", "-q"],
         ["dvc", "config", "core.analytics", "false"],
+        ["dvc", "config", "plots.html_template", "plots/offline.html"],
     ):
         result = run(cmd, destination)
         assert result.returncode == 0, result.stderr
+    page = ".dvc/plots/offline.html"  # the offline plots page: `make install` builds it
+    (destination / page).parent.mkdir(exist_ok=True)
+    shutil.copy2(ROOT / page, destination / page)
     run(["git", "add", "-A"], destination)
     result = run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], destination

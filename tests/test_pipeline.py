@@ -330,3 +330,27 @@ def test_a_nan_loss_fails_the_stage_cleanly(tmp_path: Path) -> None:
     client = mlflow_client(project)
     (failed,) = client.search_runs([client.get_experiment_by_name("cifar10-cnn").experiment_id])
     assert failed.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("command", [["show"], ["diff"]])
+def test_dvc_plots_draw_offline_in_a_headless_browser(
+    repro: tuple[Path, dict[str, str], str], tmp_path: Path, command: list[str]
+) -> None:
+    """The page carries Vega inline: Chromium, with every host name unresolvable, draws the
+    three charts, their axes named after what they show."""
+    project, env, _ = repro
+    result = run(["dvc", "plots", *command, "-o", str(tmp_path)], project, **env)
+    assert result.returncode == 0, result.stderr
+    page = tmp_path / "index.html"
+    assert "<script src=" not in page.read_text()  # nothing to fetch
+    browser = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    dom = browser.stdout
+    assert dom.count('class="marks"') == 3, browser.stderr[-2000:]  # Loss, Accuracy, Confusion
+    for title in ("cross-entropy loss (train, validation)", "accuracy (train, validation)",
+                  "predicted class", "epoch"):  # fmt: skip
+        assert f">{title}</text>" in dom, title
