@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -33,8 +34,12 @@ def main() -> None:
     except PipelineError as error:
         log.error("%s", error)
         sys.exit(1)
+    # Ctrl-C or SIGTERM stops the server at once (it has no stop points to wait for), even
+    # where SIGINT arrives ignored, as in a background job.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     print(f"optuna-dashboard for {redacted(url)}: http://127.0.0.1:{port}/", flush=True)
-    try:  # Ctrl-C is how a server is stopped: no stop points to wait for
+    try:
         optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
     except KeyboardInterrupt:
         log.info("dashboard stopped")

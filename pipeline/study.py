@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+import sqlalchemy
 import tenacity
 
 from pipeline import tracking
@@ -100,6 +101,13 @@ class Storage(optuna.storages.RDBStorage):
     def __init__(self, url: str, retry_seconds: float, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self.url = url
+        if url.startswith("sqlite"):
+            # SQLite ignores SELECT ... FOR UPDATE, so two workers could both take one WAITING
+            # trial (a starting point, a retry). A transaction that takes the file's write lock
+            # when it begins makes the read-then-claim atomic (SQLAlchemy's pysqlite recipe).
+            sqlalchemy.event.listen(
+                self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
+            )
         self.retrying = retrying(
             f"Optuna storage {redacted(url)}",
             retry=tenacity.retry_if_exception_type(optuna.exceptions.StorageInternalError),
@@ -134,8 +142,9 @@ def make_storage(params: TuneParams) -> Storage:
     """The study's database, with heartbeats so that a dead worker's trial does not stay RUNNING."""
     url = storage_url(params)
     if url.startswith("sqlite"):
-        # Writers queue for the file lock instead of failing at once with "database is locked".
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+        # Writers queue for the file lock instead of failing at once with "database is locked";
+        # the driver's own transactions are off, so Storage can begin them IMMEDIATE.
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60, "isolation_level": None}}
     else:
         engine_kwargs = {"pool_pre_ping": True}  # a restarted database: reconnect, not fail
     return Storage(

@@ -389,3 +389,47 @@ def test_a_two_objective_sweep_draws_its_pareto_front_and_hands_back_any_trial(
         assert params[section][name] == pytest.approx(value, rel=5e-3)  # 3 significant figures
     missing = run(["python", "-m", "pipeline.handback", "--trial", "99"], project, **env)
     assert missing.returncode == 1 and "has no trial 99 (its trials: 0 to 2)" in missing.stderr
+
+
+def take_queued_trials(tune: dict[str, Any], ready: Any, go: Any, taken: Any) -> None:
+    """A worker's half of the race below: asks for 30 trials as soon as `go` is set."""
+    from pipeline.config import TuneParams
+    from pipeline.study import make_storage
+
+    study = optuna.load_study(study_name=STUDY, storage=make_storage(TuneParams(**tune)))
+    ready.set()
+    go.wait()
+    taken.put([study.ask().number for _ in range(30)])
+
+
+def test_two_workers_on_one_sqlite_file_never_take_the_same_queued_trial(
+    tmp_path: Path, params_dict: dict[str, Any]
+) -> None:
+    """SQLite ignores SELECT ... FOR UPDATE: without transactions that begin IMMEDIATE, both
+    workers claimed some of the same WAITING trials (starting points, retries) and one crashed
+    telling a trial the other had finished."""
+    import multiprocessing
+
+    from pipeline.config import TuneParams
+    from pipeline.study import make_storage
+
+    tune = {**params_dict["tune"], "storage": f"sqlite:///{tmp_path / 'race.db'}"}
+    study = optuna.create_study(study_name=STUDY, storage=make_storage(TuneParams(**tune)))
+    for x in range(60):
+        study.enqueue_trial({"x": float(x)})
+    context = multiprocessing.get_context("spawn")
+    go, taken = context.Event(), context.Queue()
+    readies = [context.Event() for _ in range(2)]
+    workers = [
+        context.Process(target=take_queued_trials, args=(tune, ready, go, taken))
+        for ready in readies
+    ]
+    for worker in workers:
+        worker.start()
+    for ready in readies:
+        assert ready.wait(timeout=120)
+    go.set()
+    first, second = (set(taken.get(timeout=120)) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert len(first) == len(second) == 30 and not first & second
