@@ -121,6 +121,8 @@ def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> d
         "side": side,
         "seed": seed,
         "recipe": values,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
         "epochs": records,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
@@ -266,6 +268,9 @@ def main() -> None:
             if run is not None and run["recipe"] != run_values(side, seed, args.epochs):
                 print(f"{path}: trained with another recipe; training it again", flush=True)
                 run = None
+            if run is not None and run.get("machine") != machine():  # ratios need one machine
+                print(f"{path}: trained on another machine; training it again", flush=True)
+                run = None
             if run is None:  # not run yet, interrupted, or its recipe changed: (re)run it
                 command = [sys.executable, __file__, "--run", side, str(seed)]
                 if args.epochs is not None:
@@ -321,7 +326,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, {platform.machine()}"
+    try:
+        bf16 = " (AVX-512 BF16)" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else ""
+    except OSError:
+        bf16 = ""
+    return f"{model}{bf16}, {os.cpu_count()} cores, {platform.machine()}"
 
 
 if __name__ == "__main__":

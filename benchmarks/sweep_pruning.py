@@ -1,13 +1,17 @@
-"""Benchmark: the same sweep budget with and without pruning, on a subset of the real data.
+"""Benchmark: the same sweep budget with and without pruning, over sampler seeds.
 
-Both sweeps have the same budget (trials, epochs per trial) and the same seeded TPE sampler,
-and run through the real `pipeline.tune.sweep` on throwaway SQLite and MLflow stores; one prunes
-(successive halving by default, or the median or Hyperband pruner), the other runs every trial
-to the end. Reported: the best validation accuracy each found and the epochs each trained.
-`--recipe` trains every trial with a recipe's settings (the sweep then tunes the keys in
-params.yaml's `tune.space` on top). Needs `dvc repro preprocess`.
+For each seed, both sweeps have the same budget (trials, epochs per trial) and the same seeded
+TPE sampler, and run through the real `pipeline.tune.sweep` on throwaway SQLite and MLflow
+stores; one prunes (successive halving by default, or the median or Hyperband pruner), the
+other runs every trial to the end. Reported per seed and as a mean with its spread: the best
+validation accuracy each found and the epochs each trained. `--recipe` trains every trial with
+a recipe's settings (the sweep then tunes the keys in params.yaml's `tune.space` on top).
+Needs `dvc repro preprocess`.
 
-    python benchmarks/sweep_pruning.py --trials 16 --epochs 6 --fraction 0.1 --recipe fast
+    python benchmarks/sweep_pruning.py --trials 16 --epochs 6 --fraction 0.1 --recipe fast --seeds 3
+
+Each sweep's result is kept in benchmarks/results/runs/, keyed by its settings, so an
+interrupted benchmark resumes and another pruner setting reuses the unpruned sweeps.
 
 Memory: each trial trains in its own process, so the sweep's own memory must stay flat; the
 report has the sweep process's resident memory after every trial and every trial process's peak.
@@ -17,10 +21,12 @@ Writes benchmarks/results/<name>.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import hashlib
 import json
 import os
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,36 +38,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.accuracy import machine  # noqa: E402
 
+# The settings a sweep's result depends on (the unpruned side ignores the pruner's own).
+SWEEP_SETTINGS = ("trials", "epochs", "fraction", "recipe")
+PRUNER_SETTINGS = ("pruner", "startup", "warmup", "reduction_factor")
 
-def run_sweep(pruner: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+
+def run_sweep(side: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import optuna
 
     from pipeline import tune
     from pipeline.config import load_params, load_recipe, with_values
 
-    base = load_params()
+    params = load_params()
     if args.recipe:
-        base = with_values(base, load_recipe(args.recipe))
-    params = dataclasses.replace(
-        base,
-        tune=dataclasses.replace(
-            base.tune,
-            study_name=f"bench-{pruner}",
-            storage=f"sqlite:///{workdir / f'{pruner}.db'}",
-            n_trials=args.trials,
-            epochs=args.epochs,
-            train_fraction=args.fraction,
-            pruner=pruner,
-            startup_trials=args.startup,
-            warmup_epochs=args.warmup,
-            reduction_factor=args.reduction_factor,
-        ),
-        paths=dataclasses.replace(
-            base.paths,
-            best_params=workdir / pruner / "best.yaml",
-            trials=workdir / pruner / "trials.csv",
-            sweep_plots=workdir / pruner / "plots",
-        ),
+        params = with_values(params, load_recipe(args.recipe))
+    params = with_values(
+        params,
+        {
+            "tune.study_name": f"bench-{side}",
+            "tune.storage": f"sqlite:///{workdir / 'optuna.db'}",
+            "tune.n_trials": args.trials,
+            "tune.epochs": args.epochs,
+            "tune.train_fraction": args.fraction,
+            "tune.seed": seed,
+            "tune.pruner": side,
+            "tune.startup_trials": args.startup,
+            "tune.warmup_epochs": args.warmup,
+            "tune.reduction_factor": args.reduction_factor,
+            "paths.best_params": str(workdir / "best.yaml"),
+            "paths.trials": str(workdir / "trials.csv"),
+            "paths.sweep_plots": str(workdir / "plots"),
+        },
     )
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     rss_after_trial: list[float] = []
@@ -98,11 +105,47 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def settings_of(side: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    keys = SWEEP_SETTINGS + (PRUNER_SETTINGS if side != "none" else ())
+    return {"side": side, "seed": seed, **{key: getattr(args, key) for key in keys}}
+
+
+def sweep_result(side: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One sweep's result: kept from an earlier run with the same settings, or run now in a
+    fresh process (so that its memory figure is its own)."""
+    settings = settings_of(side, seed, args)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    kept = RESULTS / "runs" / f"sweep-{side}-seed{seed}-{key}.json"
+    if kept.exists():
+        print(f"{side}, seed {seed}: kept in {kept}", flush=True)
+        return json.loads(kept.read_text())["result"]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, __file__, "--side", side, "--seed", str(seed)]
+        for flag in ("trials", "epochs", "fraction", "startup", "warmup", "reduction_factor"):
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.recipe:
+            command += ["--recipe", args.recipe]
+        subprocess.run([*command, "--output", out.name], check=True)
+        result = json.loads(Path(out.name).read_text())
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({"settings": settings, "result": result}, indent=2) + "\n")
+    return result
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": round(statistics.mean(values), 3),
+        "std": round(statistics.stdev(values), 3) if len(values) > 1 else None,
+        "each": values,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the training split")
+    parser.add_argument("--seeds", type=int, default=3, help="sampler seeds 1..N")
     parser.add_argument(
         "--startup", type=int, default=4, help="median pruner: trials before pruning"
     )
@@ -122,44 +165,48 @@ def main() -> None:
         "--side", choices=["median", "successive_halving", "hyperband", "none"],
         help=argparse.SUPPRESS,
     )  # fmt: skip
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_sweep(args.side, args, Path(tmp))
+            result = run_sweep(args.side, args.seed, args, Path(tmp))
         args.output.write_text(json.dumps(result))
         return
 
-    import subprocess
-
-    sides = {}
-    for side in (args.pruner, "none"):  # each in a fresh process: its own memory figure
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, __file__, "--side", side, "--output", out.name]
-            for flag in ("trials", "epochs", "fraction", "startup", "warmup", "reduction_factor"):
-                command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            if args.recipe:
-                command += ["--recipe", args.recipe]
-            subprocess.run(command, check=True)
-            sides["unpruned" if side == "none" else "pruned"] = json.loads(
-                Path(out.name).read_text()
-            )
-    pruned, unpruned = sides["pruned"], sides["unpruned"]
+    seeds = {}
+    for seed in range(1, args.seeds + 1):
+        pruned = sweep_result(args.pruner, seed, args)
+        unpruned = sweep_result("none", seed, args)
+        seeds[seed] = {
+            "pruned": pruned,
+            "unpruned": unpruned,
+            "accuracy_gap_points": round(
+                100 * (unpruned["best_val_accuracy"] - pruned["best_val_accuracy"]), 2
+            ),
+            "epochs_ratio": round(pruned["epochs_trained"] / unpruned["epochs_trained"], 3),
+        }
     report = {
-        "benchmark": "sweep with and without pruning, same budget",
+        "benchmark": "sweep with and without pruning, same budget, over sampler seeds",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("side", "output", "name")},
-        "results": sides,
-        "accuracy_gap_points": round(
-            100 * (unpruned["best_val_accuracy"] - pruned["best_val_accuracy"]), 2
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("side", "seed", "output", "name")
+        },
+        "accuracy_gap_points": spread([s["accuracy_gap_points"] for s in seeds.values()]),
+        "epochs_ratio": spread([s["epochs_ratio"] for s in seeds.values()]),
+        "pruned_best_val_accuracy": spread(
+            [s["pruned"]["best_val_accuracy"] for s in seeds.values()]
         ),
-        "epochs_ratio": round(pruned["epochs_trained"] / unpruned["epochs_trained"], 3),
+        "unpruned_best_val_accuracy": spread(
+            [s["unpruned"]["best_val_accuracy"] for s in seeds.values()]
+        ),
         "goals": {"accuracy_gap_points_at_most": 1.0, "epochs_ratio_at_most": 0.4},
+        "seeds": seeds,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "seeds"}, indent=2))
 
 
 if __name__ == "__main__":
