@@ -312,10 +312,12 @@ def draw_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 def sweep_description(study: optuna.Study, tuned: list[str]) -> str:
-    """The parent run's description: every trial, best first, each linked to its MLflow run."""
+    """The parent run's description: every trial, the complete ones best first (a pruned
+    trial's value is an early epoch's, so it never outranks them), each linked to its MLflow run."""
+    complete = optuna.trial.TrialState.COMPLETE
     trials = sorted(
         study.get_trials(deepcopy=False),
-        key=lambda t: (accuracy(t) is None, -(accuracy(t) or 0.0), t.number),
+        key=lambda t: (t.state != complete, accuracy(t) is None, -(accuracy(t) or 0.0), t.number),
     )
     lines = [
         f"Optuna study `{study.study_name}`: {len(trials)} trials, best first.",
