@@ -208,7 +208,9 @@ def test_a_worker_killed_as_its_trial_starts(shared: Callable[..., Sweep]) -> No
 
 
 def test_a_worker_killed_during_fit(shared: Callable[..., Sweep]) -> None:
-    sweep = shared()
+    # A tiny epoch takes under half a second: with 4 epochs a busy machine could let the trial
+    # finish between the poll that sees it in fit and the kill.
+    sweep = shared(epochs=12)
     sweep.start(3)
     doomed = sweep.in_fit()
     victim = sweep.worker_of(doomed)

@@ -238,7 +238,8 @@ def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_p
         assert [t["state"] for t in shown] == ["Complete", "Pruned", "Pruned"]
     finally:
         os.killpg(dashboard.pid, signal.SIGINT)
-        dashboard.wait(timeout=30)
+        output = dashboard.communicate(timeout=30)[0]  # read to the end: a full pipe blocks it
+    assert dashboard.returncode == 0, output[-3000:]
 
 
 def test_a_killed_sweep_resumes_and_its_dead_trial_is_failed_and_retried(tmp_path: Path) -> None:
