@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -211,8 +212,14 @@ def test_the_model_is_registered_and_predicts_raw_pixels_through_pyfunc(
         assert signature.type == np.dtype(np.uint8) and signature.shape == (-1, 32, 32, 3)
         images = np.load(project / "data/prepared/test/images.npy")[:5]
         probabilities = np.asarray(model.predict(images))
+        requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/cifar10-cnn@champion"))
     finally:
         mlflow.set_tracking_uri(None)
+    # Pinned to the versions that trained it, and nothing of this project's own.
+    pinned = set(requirements.read_text().split())
+    for package in ("mlflow", "tensorflow", "keras", "numpy"):
+        assert f"{package}=={importlib.metadata.version(package)}" in pinned
+    assert not any(line.startswith("cifar10-pipeline") for line in pinned)
     assert probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
