@@ -50,7 +50,7 @@ TARGET = 0.75  # the test accuracy whose time is measured
 
 def run_values(side: str, seed: int, epochs: int | None) -> dict[str, Any]:
     """The params.yaml values one (side, seed) run trains with: its recipe and the seed."""
-    from pipeline.config import load_recipe
+    from pipeline.params_edit import load_recipe
 
     # The baselines train the seed's own network: its dropout, x / 255 pixels, glorot init.
     recipe = load_recipe("seed" if side in BASELINES else side)

@@ -43,13 +43,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     args = parser.parse_args()
 
-    from pipeline.config import (
-        load_params,
-        load_recipe,
-        shorter_run,
-        update_params_file,
-        with_values,
-    )
+    from pipeline.config import load_params, shorter_run, with_values
+    from pipeline.params_edit import load_recipe, update_params_file
 
     with tempfile.TemporaryDirectory() as tmp:
         project = copy_project(Path(tmp) / "project")

@@ -47,7 +47,8 @@ def run_sweep(side: str, seed: int, args: argparse.Namespace, workdir: Path) -> 
     import optuna
 
     from pipeline import tune
-    from pipeline.config import load_params, load_recipe, with_values
+    from pipeline.config import load_params, with_values
+    from pipeline.params_edit import load_recipe
 
     params = load_params()
     if args.recipe:

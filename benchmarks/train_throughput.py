@@ -50,7 +50,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
     import keras
     import numpy as np
 
-    from pipeline.config import load_params, load_recipe, shorter_run, with_values
+    from pipeline.config import load_params, shorter_run, with_values
     from pipeline.dataset import load_split
     from pipeline.fit import (
         compile_model,
@@ -60,6 +60,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
         steps_per_epoch,
     )
     from pipeline.model import build_model
+    from pipeline.params_edit import load_recipe
 
     params = load_params()
     if recipe:
@@ -148,8 +149,9 @@ def training_flops_per_image(recipe: str | None) -> int:
     convolutions and dense layers (pooling, activations and the optimiser are left out)."""
     import keras
 
-    from pipeline.config import load_params, load_recipe, with_values
+    from pipeline.config import load_params, with_values
     from pipeline.model import build_model
+    from pipeline.params_edit import load_recipe
 
     params = load_params()
     if recipe:

@@ -32,7 +32,6 @@ from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 STORAGE_ENV = "OPTUNA_STORAGE"  # overrides tune.storage (workers sharing a study)
-RECIPES_DIR = Path("recipes")  # named sets of params.yaml values (see load_recipe)
 CIFAR10_TRAIN_IMAGES = 50_000  # the official training batches hold 5 x 10,000 images
 
 
@@ -393,34 +392,7 @@ def _allowed(loc: tuple[str, ...]) -> str:
     return f" (allowed in {_key(loc) or 'the top level'}: {', '.join(fields)})"
 
 
-# --- changing values --------------------------------------------------------------------------
-
-
-def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
-    """Sets dotted keys in params.yaml, keeping its comments and layout; validates first.
-
-    Only the given values change: the file is edited as a round-trip document (ruamel.yaml),
-    checked as a whole, and then replaced atomically.
-    """
-    from io import StringIO
-
-    from ruamel.yaml import YAML
-
-    from pipeline.atomic import write_text
-
-    path = Path(path)
-    editor = YAML()  # round-trip: comments, order, flow style and quotes survive
-    editor.width = 4096  # never re-wrap long lines
-    editor.representer.add_representer(  # keep `null` written as `null`, not as nothing
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    document = editor.load(path.read_text())
-    for dotted, value in values.items():
-        set_dotted(document, dotted, value, str(path))
-    text = StringIO()
-    editor.dump(document, text)
-    params_from_dict(yaml.safe_load(text.getvalue()), source=str(path))  # refuse a bad result
-    write_text(text.getvalue(), path)
+# --- values by dotted key --------------------------------------------------------------------
 
 
 def set_dotted(tree: MutableMapping[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -459,24 +431,6 @@ def trial_values(params: Params, values: Mapping[str, Any]) -> dict[str, Any]:
     """What a sweep trial changes in params: a shorter run of `tune.epochs` epochs, then its
     suggested `values` (a tuned warm-up is the trial's own)."""
     return {**shorter_run(params, params.tune.epochs), **values}
-
-
-def load_recipe(name: str) -> dict[str, Any]:
-    """A recipe: recipes/<name>.yaml (or a path), a mapping of dotted params.yaml keys to values.
-
-    The keys are checked when the recipe is applied (`with_values`, `update_params_file`).
-    """
-    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
-        raise ParamsError(f"{path}: no such recipe (the recipes in {RECIPES_DIR}/: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, Mapping) or not raw or not all(isinstance(k, str) for k in raw):
-        raise ParamsError(f"{path}: expected a mapping of dotted params.yaml keys to values")
-    return dict(raw)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,15 +19,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import (
-    PARAMS_FILE,
-    TuneParams,
-    load_params,
-    redacted,
-    storage_url,
-    update_params_file,
-)
+from pipeline.config import PARAMS_FILE, TuneParams, load_params, redacted, storage_url
 from pipeline.errors import PipelineError
+from pipeline.params_edit import update_params_file
 from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)

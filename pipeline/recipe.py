@@ -1,7 +1,7 @@
 """`python -m pipeline.recipe NAME`: writes a recipe (recipes/NAME.yaml) into params.yaml.
 
 A recipe is a named set of params.yaml values: `seed` (the original Keras example's training),
-`fast` (75% test accuracy after about 85 s of training on two CPU cores), `best` (the most
+`fast` (75% test accuracy after about 40 s of training on two CPU cores), `best` (the most
 accurate). Only the recipe's keys change; comments and layout stay, `dvc params diff` shows
 what moved, and the next `dvc repro` trains with it. Without NAME, lists the recipes.
 """
@@ -11,13 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.config import (
-    PARAMS_FILE,
-    RECIPES_DIR,
-    load_params,
-    load_recipe,
-    update_params_file,
-)
+from pipeline.config import PARAMS_FILE, load_params
+from pipeline.params_edit import RECIPES_DIR, load_recipe, update_params_file
 from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from pipeline import tracking
-from pipeline.config import PARAMS_FILE, load_params, update_params_file
+from pipeline.config import PARAMS_FILE, load_params
 from pipeline.errors import PipelineError
+from pipeline.params_edit import update_params_file
 from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import AugmentParams, load_recipe, params_from_dict, set_dotted
+from pipeline.config import AugmentParams, params_from_dict, set_dotted
 from pipeline.dataset import Split
 from pipeline.fit import (
     TrainingDiverged,
@@ -20,6 +20,7 @@ from pipeline.fit import (
     steps_per_epoch,
 )
 from pipeline.model import build_model, summary_text
+from pipeline.params_edit import load_recipe
 from tests.helpers import ROOT, make_tiny_cifar
 
 

@@ -119,7 +119,7 @@ def test_a_key_reruns_only_the_stages_that_read_it(
 ) -> None:
     """Operational settings (how to fetch the archive) rerun nothing; the registry's names rerun
     evaluate alone, never a 26-minute training; a training key reruns train."""
-    from pipeline.config import update_params_file
+    from pipeline.params_edit import update_params_file
 
     project, env, _ = repro
     params_file = project / "params.yaml"

@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (
-    RECIPES_DIR,
-    ParamsError,
-    flatten,
-    load_params,
-    load_recipe,
-    with_values,
-)
+from pipeline.config import ParamsError, flatten, load_params, with_values
+from pipeline.params_edit import RECIPES_DIR, load_recipe
 from tests.helpers import ROOT, run
 
 RECIPES = sorted(p.stem for p in (ROOT / RECIPES_DIR).glob("*.yaml"))

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import flatten, update_params_file
+from pipeline.config import flatten
+from pipeline.params_edit import update_params_file
 from tests.helpers import ROOT, free_port, run, tiny_project
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ import optuna
 import pytest
 import yaml
 
-from pipeline.config import update_params_file
 from pipeline.handback import apply_best
+from pipeline.params_edit import update_params_file
 from tests.helpers import (
     copy_project,
     free_port,
