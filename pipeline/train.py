@@ -89,7 +89,10 @@ def load_checkpoint(directory: Path, fingerprint: str) -> CheckpointState | None
 class EpochCheckpoint(keras.callbacks.Callback):
     """After each completed epoch: the model (with optimiser state), then the state file.
 
-    The state file is replaced last, so it always names a whole model file.
+    The state file is replaced last, so it always names a whole model file. Keras'
+    BackupAndRestore would not do: it sets the epoch to resume from only once `fit` has begun
+    (the shuffle order is seeded from that epoch before), and its weights and epoch file are not
+    replaced together with the MLflow run id, history and fingerprint a resume needs with them.
     """
 
     def __init__(
