@@ -188,15 +188,23 @@ def test_an_archive_that_inflates_beyond_the_bound_is_refused(
         load_cifar10(path)
 
 
-def test_a_hostile_pickle_with_a_pixel_string_runs_nothing(tmp_path: Path) -> None:
+def test_a_hostile_pickle_beside_real_pixels_runs_nothing(tmp_path: Path, tiny: TinyCifar) -> None:
+    """The payload rides in a batch whose pixels are valid: as an extra entry, or as the labels."""
     marker = tmp_path / "pwned"
     pixels = np.zeros((10, 3072), dtype=np.uint8)
-    for evil in (
+    for number, evil in enumerate((
         {b"data": pixels, b"labels": [0] * 10, b"filenames": _RunsACommand(marker)},
         {b"data": pixels, b"labels": _RunsACommand(marker)},
-    ):
-        with pytest.raises(UnsafeArchiveError, match=r"the pickle asks for (posix|os)\.system"):
-            cifar_module._decode_python_batch(py2_pickle(evil), "evil")
+    )):  # fmt: skip
+        archive = write_python_archive(
+            tmp_path / f"evil{number}.tar.gz",
+            tiny,
+            {"cifar-10-batches-py/data_batch_2": py2_pickle(evil)},
+        )
+        with pytest.raises(
+            UnsafeArchiveError, match=r"data_batch_2: the pickle asks for (posix|os)\.system"
+        ):
+            load_cifar10(archive)
     assert not marker.exists()
 
 
