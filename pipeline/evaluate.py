@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix
 
 from pipeline import tracking
 from pipeline.atomic import write_json, write_text
@@ -39,23 +40,9 @@ class Evaluation:
     loss: float
     accuracy: float
     confusion: np.ndarray  # (classes, classes): rows actual, columns predicted
-    predictions: np.ndarray  # predicted class per test image
+    labels: np.ndarray  # the actual class of each test image
+    predictions: np.ndarray  # the predicted one
     probabilities: np.ndarray
-
-    def per_class(self) -> dict[str, np.ndarray]:
-        """Precision, recall, F1 and support per class (0 where undefined)."""
-        true_positive = np.diag(self.confusion).astype(float)
-        predicted = self.confusion.sum(axis=0)
-        actual = self.confusion.sum(axis=1)
-        precision = np.divide(
-            true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0
-        )
-        recall = np.divide(
-            true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0
-        )
-        total = precision + recall
-        f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
-        return {"precision": precision, "recall": recall, "f1": f1, "support": actual}
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> Evaluation:
@@ -63,29 +50,34 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) ->
     picked = probabilities[np.arange(len(labels)), labels]
     loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))  # Keras clips the same way
     predictions = probabilities.argmax(axis=1)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, predictions), 1)
+    confusion = confusion_matrix(labels, predictions, labels=np.arange(num_classes))
     accuracy = float(np.mean(predictions == labels))
-    return Evaluation(loss, accuracy, confusion, predictions, probabilities)
+    return Evaluation(loss, accuracy, confusion, labels, predictions, probabilities)
 
 
 def metrics_report(result: Evaluation, class_names: tuple[str, ...]) -> dict[str, object]:
-    """test_loss, test_accuracy, macro averages, and per-class precision/recall/F1/support."""
-    per_class = result.per_class()
+    """test_loss, test_accuracy, macro averages, and per-class precision/recall/F1/support, from
+    scikit-learn's classification report (0 where a figure is undefined)."""
+    report = classification_report(
+        result.labels,
+        result.predictions,
+        labels=np.arange(len(class_names)),
+        target_names=list(class_names),
+        output_dict=True,
+        zero_division=0,
+    )
+
+    def figures(row: dict[str, float]) -> dict[str, float]:
+        return {key: round(float(row[f"{key}-score" if key == "f1" else key]), 6)
+                for key in ("precision", "recall", "f1")}  # fmt: skip
+
     return {
         "test_loss": round(result.loss, 6),
         "test_accuracy": round(result.accuracy, 6),
-        "macro_precision": round(float(per_class["precision"].mean()), 6),
-        "macro_recall": round(float(per_class["recall"].mean()), 6),
-        "macro_f1": round(float(per_class["f1"].mean()), 6),
+        **{f"macro_{key}": value for key, value in figures(report["macro avg"]).items()},
         "per_class": {
-            name: {
-                "precision": round(float(per_class["precision"][i]), 6),
-                "recall": round(float(per_class["recall"][i]), 6),
-                "f1": round(float(per_class["f1"][i]), 6),
-                "support": int(per_class["support"][i]),
-            }
-            for i, name in enumerate(class_names)
+            name: {**figures(report[name]), "support": int(report[name]["support"])}
+            for name in class_names
         },
     }
 
