@@ -35,14 +35,13 @@ def main() -> None:
         log.error("%s", error)
         sys.exit(1)
     # Ctrl-C or SIGTERM stops the server at once (it has no stop points to wait for), even
-    # where SIGINT arrives ignored, as in a background job.
+    # where SIGINT arrives ignored, as in a background job; its server takes the interrupt and
+    # returns.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.default_int_handler)
     print(f"optuna-dashboard for {redacted(url)}: http://127.0.0.1:{port}/", flush=True)
-    try:
-        optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
-    except KeyboardInterrupt:
-        log.info("dashboard stopped")
+    optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
+    log.info("dashboard stopped")
 
 
 if __name__ == "__main__":
