@@ -30,7 +30,7 @@ import tenacity
 import yaml
 from mlflow import MlflowClient
 from mlflow.data.numpy_dataset import from_numpy
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
@@ -244,8 +244,11 @@ def set_tags(tags: Mapping[str, str]) -> None:
 
 
 def set_description(markdown: str) -> None:
-    """The active run's description, which the MLflow UI shows at the top of the run."""
-    mlflow.set_tag("mlflow.note.content", markdown)
+    """The active run's description, which the MLflow UI shows at the top of the run.
+
+    Written as a batch: two sweep workers may describe the shared parent run at once, and
+    MLflow's batch write retries the insert that loses the race, where `set_tag` fails."""
+    mlflow.set_tags({"mlflow.note.content": markdown})
 
 
 def run_link(run_id: str) -> str:
@@ -307,9 +310,9 @@ def end_abandoned_run(run_id: str, status: str = "KILLED", reason: str | None = 
         return
     if run.info.status in ("FAILED", "KILLED"):
         return
-    if reason is not None:
-        client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_tag(run_id, "optuna.fail_reason", reason[:500])
+    if reason is not None:  # a batch, as several workers may end one dead trial's run at once
+        tags = [RunTag("optuna.state", "FAIL"), RunTag("optuna.fail_reason", reason[:500])]
+        client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, status)
     log.info("ended MLflow run %s as %s%s", run_id, status, f": {reason}" if reason else "")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,44 @@ def test_a_run_ends_finished_failed_or_killed(store: MlflowClient) -> None:
     with tracking.tracked_run("states", run_id=run.info.run_id) as resumed:
         assert resumed.info.run_id == run.info.run_id
     assert store.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _describe_each(uri: str, run_ids: list[str], barrier: Any, errors: Any) -> None:
+    """A sweep worker's last writes: it describes each shared run in step with another."""
+    mlflow.set_tracking_uri(uri)
+    for run_id in run_ids:
+        with mlflow.start_run(run_id=run_id):
+            barrier.wait(timeout=60)
+            try:
+                tracking.set_description(f"written by {os.getpid()}")
+                tracking.end_abandoned_run(run_id, "FAILED", "its worker died")
+            except Exception as error:  # reported to the test, which names it
+                errors.put(f"{type(error).__name__}: {error}")
+
+
+def test_workers_describing_one_run_at_once_both_succeed(
+    store: MlflowClient, tmp_path: Path
+) -> None:
+    # Two workers that finish together write the parent run's description (a tag that does not
+    # exist yet) at the same moment; MLflow's single-tag write fails the insert that loses.
+    experiment = store.create_experiment("shared")
+    runs = [store.create_run(experiment).info.run_id for _ in range(10)]
+    context = multiprocessing.get_context("spawn")
+    barrier, errors = context.Barrier(2), context.Queue()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    workers = [
+        context.Process(target=_describe_each, args=(uri, runs, barrier, errors)) for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    assert errors.empty(), errors.get()
+    for run_id in runs:
+        tags = store.get_run(run_id).data.tags
+        assert tags["mlflow.note.content"].startswith("written by ")
+        assert tags["optuna.state"] == "FAIL"
 
 
 def test_the_champion_alias_moves_only_to_a_more_accurate_version(store: MlflowClient) -> None:
