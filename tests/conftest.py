@@ -1,12 +1,13 @@
 """Fixtures: tiny CIFAR-format archives, a local HTTP server that serves them, the real
-params.yaml to shrink, and session-wide PostgreSQL and MLflow servers (helpers in helpers.py)."""
+params.yaml to shrink, session-wide PostgreSQL and MLflow servers (helpers in helpers.py), and the
+fault tests' sweeps on them (fault_sweeps.py)."""
 
 from __future__ import annotations
 
 import copy
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,13 @@ def mlflow_server(
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def fault_sweep(
+    tmp_path: Path, postgres: Postgres, mlflow_server: MlflowServer
+) -> Callable[..., Any]:
+    """Makes tiny sweeps of three workers on PostgreSQL and the MLflow server (fault_sweeps.py)."""
+    from tests.fault_sweeps import make_fault_sweep
+
+    return make_fault_sweep(tmp_path, postgres, mlflow_server)

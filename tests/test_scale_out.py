@@ -1,5 +1,5 @@
 """Scaling out: unreachable servers, MirroredStrategy on two logical CPUs, and data moving
-through a DVC remote (faults of shared sweeps: test_sweep_faults.py)."""
+through a DVC remote (faults of shared sweeps: test_sweep_faults.py, test_sweep_outages.py)."""
 
 from __future__ import annotations
 
