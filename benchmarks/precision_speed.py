@@ -7,7 +7,7 @@ epoch, the median of --repeats timed epochs of --batches batches each.
 
     python benchmarks/precision_speed.py
 
-Writes benchmarks/results/precision_speed.json.
+Writes benchmarks/results/precision_speed.json (or --name).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="best")
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--name", default="precision_speed", help="results/<name>.json")
     args = parser.parse_args()
     rates = {
         precision: images_per_second(precision, args.recipe, args.batches, args.repeats)
@@ -75,7 +76,7 @@ def main() -> None:
         "bfloat16_speedup": round(medians["mixed_bfloat16"] / medians["float32"], 3),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "precision_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 
