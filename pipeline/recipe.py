@@ -2,8 +2,9 @@
 
 A recipe is a named set of params.yaml values: `seed` (the original Keras example's training),
 `fast` (75% test accuracy after about 40 s of training on two CPU cores with AVX-512 BF16),
-`fast-float32` (the same in float32, for CPUs without bfloat16), `best` (the most accurate). Only the recipe's keys change; comments and layout stay, `dvc params diff` shows
-what moved, and the next `dvc repro` trains with it. Without NAME, lists the recipes.
+`fast-float32` (the same in float32, for CPUs without bfloat16), `best` (the most accurate).
+Only the recipe's keys change; comments and layout stay, `dvc params diff` shows what moved, and
+the next `dvc repro` trains with it. Without NAME, lists the recipes.
 """
 
 from __future__ import annotations
