@@ -88,7 +88,7 @@ def test_a_worker_killed_between_fit_and_storing_the_result(
 def test_a_killed_trial_process_fails_its_trial_and_the_worker_goes_on(
     fault_sweep: Callable[..., Sweep],
 ) -> None:
-    sweep = fault_sweep()
+    sweep = fault_sweep(epochs=12)  # as in test_a_worker_killed_during_fit
     sweep.start(3)
     doomed = sweep.in_fit()
     os.kill(doomed.user_attrs["process"], signal.SIGKILL)  # as the out-of-memory killer would
@@ -103,7 +103,7 @@ def test_a_killed_trial_process_fails_its_trial_and_the_worker_goes_on(
 def test_sigterm_fails_the_trial_for_the_others_and_ends_its_run_killed(
     fault_sweep: Callable[..., Sweep],
 ) -> None:
-    sweep = fault_sweep()
+    sweep = fault_sweep(epochs=12)  # as in test_a_worker_killed_during_fit
     sweep.start(3)
     doomed = sweep.in_fit()
     victim = sweep.worker_of(doomed)
