@@ -112,3 +112,10 @@ def test_params_yaml_ships_the_best_recipe() -> None:
     shipped = load_params(ROOT / "params.yaml").flat()
     best = load_recipe(str(ROOT / "recipes/best.yaml"))
     assert {key: shipped[key] for key in best} == best
+
+
+def test_fast_float32_is_the_fast_recipe_in_float32() -> None:
+    # A copy of fast.yaml with one key changed: it must not drift from the recipe it copies.
+    fast = load_recipe(str(ROOT / RECIPES_DIR / "fast.yaml"))
+    float32 = load_recipe(str(ROOT / RECIPES_DIR / "fast-float32.yaml"))
+    assert float32 == {**fast, "train.precision": "float32"}
