@@ -10,6 +10,8 @@ import argparse
 import logging
 import signal
 import sys
+import threading
+import wsgiref.simple_server
 from pathlib import Path
 
 import optuna_dashboard
@@ -34,13 +36,23 @@ def main() -> None:
     except PipelineError as error:
         log.error("%s", error)
         sys.exit(1)
-    # Ctrl-C or SIGTERM stops the server at once (it has no stop points to wait for), even
-    # where SIGINT arrives ignored, as in a background job; its server takes the interrupt and
-    # returns.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # The server runs in a thread with SIGINT and SIGTERM blocked, and the main thread waits for
+    # them: an interrupt raised inside a request would be caught and logged by wsgiref's handler,
+    # leaving the server up. The handlers are set first so SIGINT counts even where it arrives
+    # ignored, as in a background job.
+    stop = {signal.SIGINT, signal.SIGTERM}
+    for signum in stop:
         signal.signal(signum, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        server = wsgiref.simple_server.make_server("127.0.0.1", port, optuna_dashboard.wsgi(url))
+    except OSError as error:  # the port is taken or not ours to bind
+        log.error("127.0.0.1:%d: %s; choose another with --port", port, error.strerror)
+        sys.exit(1)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"optuna-dashboard for {redacted(url)}: http://127.0.0.1:{port}/", flush=True)
-    optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
+    signal.sigwait(stop)  # a request cut at exit leaves the storage whole: writes are transactions
+    server.server_close()
     log.info("dashboard stopped")
 
 

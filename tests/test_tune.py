@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -18,6 +19,7 @@ import yaml
 from pipeline.handback import apply_best
 from pipeline.params_edit import update_params_file
 from tests.helpers import (
+    ROOT,
     copy_project,
     free_port,
     run,
@@ -219,6 +221,7 @@ def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_p
         env=run_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
+    stalled = socket.socket()
     try:
         assert dashboard.stdout is not None
         assert dashboard.stdout.readline().strip().endswith(f"http://127.0.0.1:{port}/")
@@ -236,10 +239,32 @@ def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_p
         with urllib.request.urlopen(url) as response:
             shown = json.loads(response.read())["trials"]
         assert [t["state"] for t in shown] == ["Complete", "Pruned", "Pruned"]
+        # A client that stops reading its 6 MB download keeps the server inside the request's
+        # write, where wsgiref would catch an interrupt raised there: Ctrl-C must still stop it.
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(
+            b"GET /static/bundle.js HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n"
+        )
+        assert stalled.recv(12).endswith(b" 200")
     finally:
         os.killpg(dashboard.pid, signal.SIGINT)
         output = dashboard.communicate(timeout=30)[0]  # read to the end: a full pipe blocks it
+        stalled.close()
     assert dashboard.returncode == 0, output[-3000:]
+
+
+def test_the_dashboard_names_a_missing_study_and_a_taken_port(tmp_path: Path) -> None:
+    write_params(tmp_path, yaml.safe_load((ROOT / "params.yaml").read_text()))
+    dashboard = ["python", "-m", "pipeline.dashboard"]
+    result = run(dashboard, tmp_path, PYTHONPATH=str(ROOT))
+    assert result.returncode == 1 and "optuna.db: no study yet" in result.stderr, result.stderr
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run([*dashboard, "--port", str(port)], tmp_path, PYTHONPATH=str(ROOT))
+    assert result.returncode == 1, result.stderr
+    assert f"127.0.0.1:{port}: Address already in use; choose another" in result.stderr
 
 
 def test_a_killed_sweep_resumes_and_its_dead_trial_is_failed_and_retried(tmp_path: Path) -> None:
