@@ -130,7 +130,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
                 checkpoint = Path(tmp) / "checkpoint"
                 inner = [
                     EpochCheckpoint(checkpoint, "benchmark", run.info.run_id, {}, best),
-                    tracking.EpochLogger(),
+                    tracking.epoch_logger(),
                 ]
                 fit(
                     model, train, validation, params.train,

@@ -19,11 +19,9 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import mlflow
-import mlflow.tensorflow
 import numpy as np
 import requests
 import tenacity
@@ -39,6 +37,9 @@ from pipeline.config import Params
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.retry import describe, retrying
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,11 @@ def log_params(params: Params) -> None:
 
 
 def log_epoch(epoch: int, logs: Mapping[str, float], run_id: str | None = None) -> None:
-    """One epoch's metrics, at step = epoch number (1-based), to `run_id` or the active run."""
+    """One epoch's metrics, at step = epoch number (1-based), to `run_id` or the active run.
+    Nothing when `logs` is empty, as after a diverged epoch (see fit.EpochRecorder)."""
     metrics = {key: float(value) for key, value in logs.items()}
+    if not metrics:
+        return
     if run_id is None:
         mlflow.log_metrics(metrics, step=epoch)
         return
@@ -279,17 +283,14 @@ def log_epoch(epoch: int, logs: Mapping[str, float], run_id: str | None = None) 
     )
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Logs each completed epoch's metrics to `run_id` (a run another process opened) or to
-    the active run."""
+def epoch_logger(run_id: str | None = None) -> keras.callbacks.Callback:
+    """A Keras callback that logs each completed epoch to `run_id` (a run another process
+    opened) or to the active run."""
+    import keras  # here, not at the top: a sweep worker imports this module and never trains
 
-    def __init__(self, run_id: str | None = None) -> None:
-        super().__init__()
-        self.run_id = run_id
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs:  # empty when the epoch diverged (see fit.EpochRecorder)
-            log_epoch(epoch + 1, logs, self.run_id)
+    return keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: log_epoch(epoch + 1, logs or {}, run_id)
+    )
 
 
 def log_summary(metrics: Mapping[str, float]) -> None:
@@ -443,7 +444,10 @@ def log_and_register_model(
     The current champion's figure is its run's `test_accuracy` metric.
     """
     # mlflow.keras.log_model (3.17) writes the input example before creating its folder and
-    # fails; the tensorflow flavour saves Keras 3 models natively and gives the same pyfunc.
+    # fails; the tensorflow flavour saves Keras 3 models natively and gives the same pyfunc. It
+    # imports TensorFlow, so it is imported here, where a model is at hand anyway.
+    import mlflow.tensorflow
+
     info = mlflow.tensorflow.log_model(
         model,
         name=MODEL_ARTIFACT,

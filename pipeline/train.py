@@ -215,7 +215,7 @@ def main() -> None:
                 EpochCheckpoint(
                     paths.checkpoint, fingerprint, run_id, state.history if state else {}, best
                 ),
-                tracking.EpochLogger(),
+                tracking.epoch_logger(),
             ],
             best=best,
         )

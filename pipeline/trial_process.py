@@ -4,6 +4,7 @@ TensorFlow keeps about 20 MB per `fit` even after `keras.backend.clear_session()
 trained every trial in one process would grow by that much per trial. Here each trial is a child
 forked from a server that has TensorFlow imported already (about 0.2 s to start), and everything
 it allocates goes back to the system when it exits: memory stays flat however many trials run.
+The worker itself never imports TensorFlow.
 
 The trial process trains and logs its epochs to the trial's MLflow run; it never touches the
 Optuna storage. After each epoch it sends the worker its validation accuracy and waits for the
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
-import keras
 import optuna
 from mlflow.exceptions import MlflowException
 
@@ -36,15 +36,6 @@ from pipeline import tracking
 from pipeline.config import Params, TuneParams
 from pipeline.dataset import Split, load_split, stratified_split
 from pipeline.errors import PipelineError
-from pipeline.fit import (
-    TrainingDiverged,
-    compile_model,
-    distribution_strategy,
-    fit,
-    seed_everything,
-    steps_per_epoch,
-)
-from pipeline.model import build_model
 from pipeline.stage import configure_logging, stop_point
 
 log = logging.getLogger(__name__)
@@ -88,20 +79,19 @@ class TrialProcessDied(PipelineError):
     """The trial's process ended without an outcome (killed, out of memory)."""
 
 
-class AskTheWorker(keras.callbacks.Callback):
-    """After each epoch: sends the worker the validation accuracy; stops if it says prune."""
+class AskTheWorker:
+    """Keras' on_epoch_end: sends the worker the validation accuracy; stops if it says prune."""
 
     def __init__(self, job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> None:
-        super().__init__()
         self.job, self.results, self.answers = job, results, answers
         self.timeout = job.params.tune.connect_seconds + ANSWER_MARGIN_SECONDS
 
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    def __call__(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if not logs:  # a diverged epoch: fit raises TrainingDiverged right after
             return
         log.info(
             "trial %d: epoch %d of %d, val_accuracy %.4f",
-            self.job.number, epoch + 1, self.params["epochs"], logs["val_accuracy"],
+            self.job.number, epoch + 1, self.job.params.train.epochs, logs["val_accuracy"],
         )  # fmt: skip
         self.results.send(Epoch(epoch + 1, float(logs["val_accuracy"])))
         try:
@@ -159,6 +149,20 @@ def train_trial(job: TrialJob, results: Connection, answers: Connection) -> None
 
 
 def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> TrialOutcome:
+    # Imported here, in the trial's process, whose fork server has loaded them already: the
+    # sweep worker imports this module only to start trials, and so runs without TensorFlow.
+    import keras
+
+    from pipeline.fit import (
+        TrainingDiverged,
+        compile_model,
+        distribution_strategy,
+        fit,
+        seed_everything,
+        steps_per_epoch,
+    )
+    from pipeline.model import build_model
+
     os.chdir(job.cwd)
     tracking.use_tracking_uri(job.tracking_uri)
     params = job.params
@@ -182,8 +186,8 @@ def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> Tr
             validation,
             params.train,
             callbacks=[
-                tracking.EpochLogger(job.run_id),
-                AskTheWorker(job, results, answers),  # after the logger: a pruned epoch is logged
+                tracking.epoch_logger(job.run_id),  # first: a pruned epoch is logged
+                keras.callbacks.LambdaCallback(on_epoch_end=AskTheWorker(job, results, answers)),
             ],
             verbose=0,
         )
@@ -197,7 +201,7 @@ def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> Tr
 def trial_processes() -> Any:
     """Forks trial processes from a server with TensorFlow (and this module) imported."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload(["pipeline.fit", "pipeline.model", __name__])
     return context
 
 
