@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro recipe reproduce tune handback dashboard test lint lock
+.PHONY: install repro recipe reproduce tune handback dashboard test test-prerequisites lint lock plots-page
 
 # Reinstalls only when the declared dependencies or the lock change.
 $(STAMP): pyproject.toml requirements.lock
@@ -13,26 +13,39 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[dev]'
 	touch $(STAMP)
 
-# DVC's plots page loads Vega from a CDN, so offline its charts stay blank. This page carries
-# Vega, Vega-Lite and Vega-Embed from package-lock.json inline; .dvc/config points DVC at it.
+# DVC's own plots page loads Vega from a CDN, so offline its charts stay blank. The committed
+# .dvc/plots/offline.html (named in .dvc/config) carries Vega, Vega-Lite and Vega-Embed inline, so
+# `dvc plots show` draws offline with no build step. `make plots-page` rebuilds it from the
+# versions in package-lock.json (needs npm), after a deliberate upgrade.
 PLOTS_PAGE := .dvc/plots/offline.html
 VEGA := vega/build/vega.min.js vega-lite/build/vega-lite.min.js vega-embed/build/vega-embed.min.js
 
-$(PLOTS_PAGE): package-lock.json
+plots-page: package-lock.json
 	npm ci --no-audit --no-fund --silent
-	mkdir -p $(dir $@)
+	mkdir -p $(dir $(PLOTS_PAGE))
 	{ echo '<!DOCTYPE html><html><head><meta charset="utf-8"><title>DVC plots</title>'; \
 	  for lib in $(VEGA); do echo '<script>'; cat node_modules/$$lib; echo '</script>'; done; \
 	  echo '<script>const embed = vegaEmbed; vegaEmbed = (el, spec, options) =>'; \
 	  echo '  embed(el, spec, {renderer: "svg", ...options});</script>'; \
 	  echo '<style>table { border-spacing: 15px; }</style></head><body>'; \
-	  echo '{plot_divs}</body></html>'; } > $@.tmp
-	mv $@.tmp $@
+	  echo '{plot_divs}</body></html>'; } > $(PLOTS_PAGE).tmp
+	mv $(PLOTS_PAGE).tmp $(PLOTS_PAGE)
 
-install: $(STAMP) $(PLOTS_PAGE)
+# What the tests need besides Python and make, checked before anything is installed.
+test-prerequisites:
+	@missing=""; \
+	command -v git >/dev/null || missing="$$missing git"; \
+	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 \
+	  || missing="$$missing PostgreSQL's server (initdb, pg_ctl)"; \
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+	  || missing="$$missing Chromium"; \
+	if [ -n "$$missing" ]; then echo "make test: missing$$missing; install with" \
+	  "'sudo apt-get install -y git postgresql chromium' (README: Prerequisites)" >&2; exit 1; fi
+
+install: $(STAMP)
 
 # The stages call `python -m pipeline.<stage>`: the venv goes first on PATH.
-repro: $(STAMP) $(PLOTS_PAGE)
+repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 
 # Writes a recipe (recipes/NAME.yaml) into params.yaml: `make recipe NAME=fast`; no NAME lists them.
@@ -57,7 +70,7 @@ handback: $(STAMP)
 dashboard: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pipeline.dashboard --port $(or $(PORT),8080)
 
-test: $(STAMP) $(PLOTS_PAGE)
+test: test-prerequisites $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

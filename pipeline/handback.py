@@ -3,10 +3,9 @@
 Without --trial, the most accurate trial's (paths.best_params); with it, trial N's of the study
 (tune.study_name in tune.storage or OPTUNA_STORAGE), any trial on a Pareto front among them.
 
-Only the tuned keys change, rounded to three significant figures (a sweep's 0.06791612352895975
-is 0.0679 to anyone reading params.yaml, and no trial measures the difference); comments and
-layout stay. The next `dvc repro` then trains and
-evaluates exactly that configuration, and `dvc params diff` shows what moved.
+Only the tuned keys change, rounded to three significant figures (params_edit.rounded); comments
+and layout stay. The next `dvc repro` then trains and evaluates exactly that configuration, and
+`dvc params diff` shows what moved.
 """
 
 from __future__ import annotations
@@ -21,15 +20,10 @@ import yaml
 
 from pipeline.config import PARAMS_FILE, TuneParams, load_params, redacted, storage_url
 from pipeline.errors import PipelineError
-from pipeline.params_edit import update_params_file
+from pipeline.params_edit import rounded, update_params_file
 from pipeline.stage import run_stage
 
 log = logging.getLogger(__name__)
-
-
-def rounded(value: Any) -> Any:
-    """A float to three significant figures; anything else as it is."""
-    return float(f"{value:.3g}") if isinstance(value, float) else value
 
 
 def apply_best(params_file: Path, best_file: Path) -> dict[str, Any]:

@@ -20,6 +20,12 @@ from pipeline.config import ParamsError, params_from_dict, set_dotted
 RECIPES_DIR = Path("recipes")  # named sets of params.yaml values
 
 
+def rounded(value: Any) -> Any:
+    """A float to three significant figures, as params.yaml holds them (a sweep's
+    0.06791612352895975 is 0.0679 to a reader, and no trial measures the difference)."""
+    return float(f"{value:.3g}") if isinstance(value, float) else value
+
+
 def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
     """Sets dotted keys in params.yaml, keeping its comments and layout; validates first.
 

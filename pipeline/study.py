@@ -237,19 +237,29 @@ def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> 
 def queue_starting_points(study: optuna.Study, params: Params) -> None:
     """A new study's first trials: params.yaml's own values of the tuned keys (so the sweep
     measures what you have and hands back nothing it did not beat), then tune.enqueue. A value
-    outside tune.space is left to the sampler."""
+    outside tune.space cannot be a trial's (the sampler could not model it): that key is drawn,
+    and the trial's user attribute `drawn_instead` names it with params.yaml's value."""
     current = params.flat()
-    own = {}
+    own, outside = {}, {}
     for key, dimension in params.tune.space.items():
         if in_space(current[key], dimension, integer=is_integer(current[key])):
             own[key] = current[key]
         else:
-            log.warning("%s = %r is outside tune.space: trial 0 draws it", key, current[key])
+            outside[key] = current[key]
+    if outside:
+        log.warning(
+            "params.yaml's %s outside tune.space: the first trial draws %s instead",
+            ", ".join(f"{key} = {value!r}" for key, value in outside.items()),
+            "it" if len(outside) == 1 else "them",
+        )
     points = [("params.yaml", own), *(
         (f"tune.enqueue[{index}]", point) for index, point in enumerate(params.tune.enqueue)
     )]  # fmt: skip
     for source, point in points:
-        study.enqueue_trial(dict(point), user_attrs={"starting_point": source}, skip_if_exists=True)
+        attrs: dict[str, Any] = {"starting_point": source}
+        if source == "params.yaml" and outside:
+            attrs["drawn_instead"] = outside
+        study.enqueue_trial(dict(point), user_attrs=attrs, skip_if_exists=True)
     log.info("queued %d starting points: params.yaml's values and tune.enqueue", len(points))
 
 

@@ -37,6 +37,7 @@ from pipeline.config import (
 )
 from pipeline.dataset import split_files
 from pipeline.errors import PipelineError
+from pipeline.params_edit import rounded
 from pipeline.retry import describe
 from pipeline.stage import run_stage
 from pipeline.study import (
@@ -259,20 +260,21 @@ def trials_table(study: optuna.Study, tuned: list[str]) -> str:
 
 
 def best_trial_report(study: optuna.Study) -> dict[str, Any]:
-    """The most accurate complete trial (what `pipeline.handback` hands back), and for a
-    multi-objective study its Pareto front."""
+    """The most accurate complete trial (what `pipeline.handback` hands back, with its values as
+    params.yaml will hold them), and for a multi-objective study its Pareto front."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     best = max(complete, key=lambda t: accuracy(t) or 0.0)  # the first, on a tie
     report: dict[str, Any] = {
         "study": study.study_name,
         "trial": best.number,
         "val_accuracy": round(float(accuracy(best) or 0.0), 6),
-        "params": dict(best.params),
+        "params": {name: rounded(value) for name, value in best.params.items()},
     }
     if len(study.directions) > 1:
         report["pareto_front"] = [
             {"trial": t.number, "val_accuracy": round(t.values[0], 6),
-             "fit_seconds": round(t.values[1], 2), "params": dict(t.params)}
+             "fit_seconds": round(t.values[1], 2),
+             "params": {name: rounded(value) for name, value in t.params.items()}}
             for t in pareto_front(study)
         ]  # fmt: skip
     return report
@@ -319,9 +321,14 @@ def sweep_description(study: optuna.Study, tuned: list[str]) -> str:
         study.get_trials(deepcopy=False),
         key=lambda t: (t.state != complete, accuracy(t) is None, -(accuracy(t) or 0.0), t.number),
     )
-    lines = [
-        f"Optuna study `{study.study_name}`: {len(trials)} trials, best first.",
-        "",
+    lines = [f"Optuna study `{study.study_name}`: {len(trials)} trials, best first.", ""]
+    baseline = [t for t in trials if t.user_attrs.get("drawn_instead")]
+    if baseline:  # the first trial is params.yaml's values, but for those outside tune.space
+        first = min(baseline, key=lambda t: t.number)
+        outside = ", ".join(f"{k} = {v!r}" for k, v in first.user_attrs["drawn_instead"].items())
+        lines += [f"Trial {first.number} trains params.yaml's values, but for {outside}: "
+                  "outside tune.space, so drawn instead.", ""]  # fmt: skip
+    lines += [
         "| trial | state | val_accuracy | " + " | ".join(tuned) + " |",
         "|---" * (3 + len(tuned)) + "|",
     ]

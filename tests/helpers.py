@@ -235,11 +235,15 @@ def tiny_params(
 
 
 def tiny_project(
-    tmp: Path, train: dict[str, Any] | None = None, tune: dict[str, Any] | None = None
+    tmp: Path,
+    train: dict[str, Any] | None = None,
+    tune: dict[str, Any] | None = None,
+    clone: bool = False,
 ) -> tuple[Path, dict[str, str]]:
-    """A fresh repository with tiny params, and the environment its stages need (CIFAR10_URL)."""
+    """A fresh repository with tiny params, and the environment its stages need (CIFAR10_URL).
+    `clone`: all that a clone holds (committed outputs too), not just the pipeline's files."""
     archive = write_python_archive(tmp / "cifar.tar.gz", make_tiny_cifar())
-    project = copy_project(tmp / "project")
+    project = (clone_project if clone else copy_project)(tmp / "project")
     write_params(project, tiny_params(archive, train, tune))
     return project, {"CIFAR10_URL": str(archive)}
 
@@ -264,7 +268,7 @@ def run(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProc
 
 
 def copy_project(destination: Path) -> Path:
-    """A fresh git + DVC repository holding this project's tracked pipeline files."""
+    """A fresh git + DVC repository holding this project's pipeline files (not its outputs)."""
     destination.mkdir(parents=True, exist_ok=True)
     for name in (  # the sweep's definition, not the outputs of the sweep that is committed
         "pipeline",
@@ -274,32 +278,54 @@ def copy_project(destination: Path) -> Path:
         "params.yaml",
         ".gitignore",
         "pyproject.toml",
+        ".dvc/config",  # names the offline plots page
+        ".dvc/plots/offline.html",
+        ".dvc/.gitignore",
+        ".dvcignore",
     ):
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(
-                source, destination / name, ignore=shutil.ignore_patterns("__pycache__")
-            )
-        else:
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
+        copy_into(destination, name)
+    return commit_all(destination)
+
+
+def clone_project(destination: Path) -> Path:
+    """What `git clone` of this repository gives a user, outputs included: every tracked file
+    (as the working tree has it) and every new file git would not ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode()  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # not a file deleted in the working tree
+            copy_into(destination, name)
+    return commit_all(destination)
+
+
+def copy_into(destination: Path, name: str) -> None:
+    source = ROOT / name
+    if source.is_dir():
+        shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination / name)
+
+
+def commit_all(project: Path) -> Path:
+    """Makes `project` a git repository whose one commit holds all its files."""
     for cmd in (
         ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["dvc", "config", "plots.html_template", "plots/offline.html"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
     ):
-        result = run(cmd, destination)
+        result = run(cmd, project)
         assert result.returncode == 0, result.stderr
-    page = ".dvc/plots/offline.html"  # the offline plots page: `make install` builds it
-    (destination / page).parent.mkdir(exist_ok=True)
-    shutil.copy2(ROOT / page, destination / page)
-    run(["git", "add", "-A"], destination)
-    result = run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], destination
-    )
-    assert result.returncode == 0, result.stderr
-    return destination
+    return project
+
+
+def browser() -> str:
+    """Headless Chromium, by the names Debian and Ubuntu give it (`make test` checks for it)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Chromium not found: `make test` names how to install it"
+    return found
 
 
 def _postgres_bin(name: str) -> str:
@@ -473,3 +499,4 @@ def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
     )
     assert created.ok, created.text
     return MlflowServer(url, process, command, env)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from tests.helpers import (
+    browser,
     free_port,
     run,
     run_env,
@@ -27,9 +29,9 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 
-def new_project(tmp: Path, **train: Any) -> tuple[Path, dict[str, str]]:
+def new_project(tmp: Path, clone: bool = False, **train: Any) -> tuple[Path, dict[str, str]]:
     """A fresh tiny repository, and the environment its stages run in (its own MLflow store)."""
-    project, env = tiny_project(tmp, train=train)
+    project, env = tiny_project(tmp, train=train, clone=clone)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     return project, env
 
@@ -46,8 +48,9 @@ def run_id_of(project: Path) -> str:
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str], str]]:
-    """One real `dvc repro` of the five stages, shared by the tests that only read its results."""
-    project, env = new_project(tmp_path_factory.mktemp("repro"))
+    """One real `dvc repro` of the five stages in a fresh clone (the committed outputs of the
+    shipped recipe and of its sweep included), shared by the tests that only read its results."""
+    project, env = new_project(tmp_path_factory.mktemp("repro"), clone=True)
     env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.2"  # MLflow's 10 s outlasts a tiny run
     result = run(["dvc", "repro"], project, **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -87,12 +90,13 @@ def test_dvc_repro_runs_the_five_stages_then_nothing(
     assert again.returncode == 0, again.stderr
     assert "Running stage" not in again.stdout
 
-    # `dvc exp show` leads with what experiments differ in; the data report and the per-class
-    # figures are a `dvc metrics show PATH` away.
+    # `dvc exp show` leads with the test figures, then the training's and its MLflow run; the
+    # committed sweep's best trial follows, its values as params.yaml holds them; then params.
+    # The data report and the per-class figures are a `dvc metrics show PATH` away.
     shown = run(["dvc", "exp", "show", "--csv"], project, **env)
     assert shown.returncode == 0, shown.stderr
-    header = shown.stdout.splitlines()[0].split(",")
-    figures = header[header.index("test_loss") :]
+    header, workspace = (line.split(",") for line in shown.stdout.splitlines()[:2])
+    figures = header[header.index("parent") + 1 :]
     assert figures[:5] == [
         "test_loss",
         "test_accuracy",
@@ -100,9 +104,13 @@ def test_dvc_repro_runs_the_five_stages_then_nothing(
         "macro_recall",
         "macro_f1",
     ]
-    train_figures = figures[: figures.index("mlflow_run_id") + 1]
+    train_figures = figures[5 : figures.index("mlflow_run_id") + 1]
     assert {"best_epoch", "best_val_accuracy", "best_val_loss"} <= set(train_figures)
-    assert len(train_figures) < 25 and figures[len(train_figures)].startswith("train.")
+    sweep = figures[len(train_figures) + 5 :]
+    assert sweep[:4] == ["study", "trial", "val_accuracy", "params.train.learning_rate"]
+    assert workspace[header.index("params.train.learning_rate")] == "0.0679"
+    tuned = yaml.safe_load((project / "sweep/best_params.yaml").read_text())["params"]
+    assert sweep[3 + len(tuned)].startswith("train.")  # then params.yaml's params
     assert not {"images", "per_class.cat", "cat.f1", "mean_rgb"} & set(header)
     assert run_id_of(project) in shown.stdout
     report = run(["dvc", "metrics", "show", "--json", "metrics/data.json"], project, **env)
@@ -339,25 +347,31 @@ def test_a_nan_loss_fails_the_stage_cleanly(tmp_path: Path) -> None:
     assert failed.info.status == "FAILED"
 
 
-@pytest.mark.parametrize("command", [["show"], ["diff"]])
+@pytest.mark.parametrize(("command", "images"), [(["show"], 2), (["diff"], 4)])
 def test_dvc_plots_draw_offline_in_a_headless_browser(
-    repro: tuple[Path, dict[str, str], str], tmp_path: Path, command: list[str]
+    repro: tuple[Path, dict[str, str], str], tmp_path: Path, command: list[str], images: int
 ) -> None:
-    """The page carries Vega inline: Chromium, with every host name unresolvable, draws the
-    three charts, their axes named after what they show."""
+    """After a plain `dvc repro` in a fresh clone (no make, no npm), `dvc plots show` and `dvc
+    plots diff` (workspace against the committed run) write a page that Chromium, with every host
+    name unresolvable, draws: three charts with their axes named, and the two images (of each
+    revision, for diff)."""
     project, env, _ = repro
     result = run(["dvc", "plots", *command, "-o", str(tmp_path)], project, **env)
     assert result.returncode == 0, result.stderr
     page = tmp_path / "index.html"
     assert "<script src=" not in page.read_text()  # nothing to fetch
-    browser = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000",
-         "--dump-dom", page.as_uri()],
+    drawn = subprocess.run(
+        [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--host-resolver-rules=MAP * ~NOTFOUND",
+         "--virtual-time-budget=20000", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    dom = browser.stdout
-    assert dom.count('class="marks"') == 3, browser.stderr[-2000:]  # Loss, Accuracy, Confusion
+    dom = drawn.stdout
+    assert dom.count('class="marks"') == 3, drawn.stderr[-2000:]  # Loss, Accuracy, Confusion
     for title in ("cross-entropy loss (train, validation)", "accuracy (train, validation)",
                   "predicted class", "epoch"):  # fmt: skip
         assert f">{title}</text>" in dom, title
+    sources = re.findall(r'<img src="([^"]+)"', dom.rpartition("<body>")[2])
+    assert len(sources) == images, sources
+    for source in sources:  # each a PNG beside the page
+        assert (tmp_path / source).read_bytes().startswith(b"\x89PNG"), source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,8 +17,11 @@ import optuna
 import pytest
 import yaml
 
+from pipeline.config import params_from_dict
 from pipeline.handback import apply_best
 from pipeline.params_edit import update_params_file
+from pipeline.study import queue_starting_points
+from pipeline.tune import suggest, sweep_description
 from tests.helpers import (
     ROOT,
     copy_project,
@@ -178,6 +182,33 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
     _, parents, children = mlflow_runs(project)
     assert [p.info.run_id for p in parents] == [parent.info.run_id]
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_value_of_params_yaml_outside_the_space_is_drawn_and_the_sweep_says_so(
+    params_dict: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed and fast recipes' weight decay 0 lies outside the space's log range: the first
+    trial is params.yaml's other values, and the log and the parent run's description say which
+    key was drawn instead."""
+    params_dict["train"]["weight_decay"] = 0.0
+    params = params_from_dict(params_dict)
+    study = optuna.create_study(direction="maximize")  # in memory: no training needed
+    with caplog.at_level(logging.WARNING, logger="pipeline.study"):
+        queue_starting_points(study, params)
+    assert "train.weight_decay = 0.0 outside tune.space: the first trial draws it" in caplog.text
+    trial = study.ask()
+    values = suggest(trial, params)
+    study.tell(trial, 0.5)
+    current = params.flat()
+    assert {k: v for k, v in values.items() if k != "train.weight_decay"} == {
+        k: current[k] for k in params.tune.space if k != "train.weight_decay"
+    }
+    assert 1e-5 <= values["train.weight_decay"] <= 2e-3
+    described = sweep_description(study, list(params.tune.space))
+    assert (
+        "Trial 0 trains params.yaml's values, but for train.weight_decay = 0.0: outside "
+        "tune.space, so drawn instead." in described
+    )
 
 
 def test_a_hopeless_trial_is_pruned_and_a_nan_trial_is_recorded_and_passed(tmp_path: Path) -> None:
