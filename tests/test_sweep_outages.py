@@ -8,7 +8,7 @@ from collections.abc import Callable
 import optuna
 import pytest
 
-from tests.fault_sweeps import Sweep
+from tests.fault_sweeps import Sweep, describe
 from tests.helpers import MlflowServer, Postgres
 from tests.test_tune import STUDY
 
@@ -53,10 +53,14 @@ def test_the_mlflow_server_away_too_long_stops_workers_in_one_line(
     for output in stopped:
         assert f"MLflow tracking store {mlflow_server.url}" in output, output[-3000:]
         assert "Traceback" not in output, output[-3000:]
-    # The trials it cut short are failed and queued; one worker with the server back finishes.
+    # The trials it cut short are failed and queued; one worker with the server back runs them.
     (again,) = sweep.start(1)
-    assert sweep.finish([again])[again.pid] is not None and again.returncode == 0
-    sweep.check(workers=4)
+    output = sweep.finish([again])[again.pid]
+    assert again.returncode == 0 and "running trials" in output, output[-3000:]
+    trials = sweep.check(workers=4)
+    cut = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL}
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    assert cut and cut <= {retried(t) for t in trials}, describe(trials)
 
 
 def test_bad_credentials_are_refused_in_one_line_and_store_nothing(
