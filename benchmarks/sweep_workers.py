@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import (  # noqa: E402 - the tests' own server and data helpers
+    STUDY,
+    SWEEP,
     copy_project,
     make_tiny_cifar,
     run,
@@ -40,7 +42,6 @@ from tests.helpers import (  # noqa: E402 - the tests' own server and data helpe
     write_params,
     write_python_archive,
 )
-from tests.test_tune import STUDY, SWEEP  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

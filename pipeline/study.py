@@ -68,6 +68,12 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
 
+def is_full(study: optuna.Study, n_trials: int) -> bool:
+    """Whether the study has its tune.n_trials finished (complete or pruned) trials: the one
+    test of it, for starting, retrying and settling trials."""
+    return finished_trials(study) >= n_trials
+
+
 class Retry:
     """Queues a failed trial's values again (Optuna's own retry, up to MAX_RETRIES times), unless
     the study already has its n_trials finished trials. The dead attempt's MLflow run is ended
@@ -84,7 +90,7 @@ class Retry:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             tracking.end_abandoned_run(run_id, "FAILED", reason)
-        if finished_trials(study) < self.n_trials:
+        if not is_full(study, self.n_trials):
             self.retry(study, trial)
 
 
@@ -190,47 +196,45 @@ def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
         ) from None
 
 
-def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> str:
+def shared_parent_run(study: optuna.Study, params: Params) -> str:
     """The study's MLflow parent run id, created once by whichever worker comes first.
 
-    A worker that finds none creates a candidate run and records it as a trial of the small
-    study `<study>:mlflow-parent`. Optuna numbers a study's trials one at a time, each trial
-    stored whole with its attributes, so the candidate in trial 0 is the parent for every
-    worker, and each other worker deletes its own. A worker that fails or dies at any point
-    leaves at most an unused candidate behind (settle deletes it later); it never blocks the
-    workers after it. The worker whose candidate becomes the parent of a new study also queues
-    its starting points, so they are queued once.
+    The study's user attribute `mlflow_parent_run_id` names it once chosen. Until then each
+    worker creates a candidate run, tagged with the study, and looks in MLflow for the others
+    created within tune.grace_seconds: the earliest (by start time, then id) is every worker's
+    parent, the others delete their own, and each records the one choice in the study. No worker
+    waits on another; one that dies leaves at most a candidate, which settle deletes later.
+    (Workers' clocks must agree to well under the time a run takes to create, as NTP keeps
+    them.) The worker whose candidate becomes a new study's parent queues its starting points.
     """
+    tune = params.tune
+    recorded = study.user_attrs.get(PARENT_RUN_ATTR)
+    if recorded and tracking.find_runs(
+        params.mlflow.experiment, f"attributes.run_id = '{recorded}'"
+    ):
+        return str(recorded)
     new_study = not study.get_trials(deepcopy=False)
-    claims = optuna.create_study(
-        storage=storage, study_name=f"{study.study_name}:mlflow-parent", load_if_exists=True
+    candidate = tracking.create_run(
+        params.mlflow.experiment,
+        run_name=f"sweep-{study.study_name}",
+        tags={
+            "optuna.study": study.study_name,
+            "optuna.storage": redacted(storage_url(tune)),
+            CANDIDATE_TAG: "true",
+        },
+        params=params,
     )
-    recorded = claims.get_trials(deepcopy=False)
-    candidate = None
-    if not recorded:
-        candidate = tracking.create_run(
-            params.mlflow.experiment,
-            run_name=f"sweep-{study.study_name}",
-            tags={
-                "optuna.study": study.study_name,
-                "optuna.storage": redacted(storage.url),
-                CANDIDATE_TAG: "true",
-            },
-            params=params,
-        )
-        claims.add_trial(
-            optuna.trial.create_trial(
-                state=optuna.trial.TrialState.COMPLETE, value=0.0, user_attrs={"run_id": candidate}
-            )
-        )
-        recorded = claims.get_trials(deepcopy=False)
-    winner = str(min(recorded, key=lambda claim: claim.number).user_attrs["run_id"])
-    if candidate is not None and candidate != winner:
+    # Younger than a grace period: not the parent of an earlier study of the same name.
+    since = int((time.time() - tune.grace_seconds) * 1000)
+    found = tracking.find_runs(
+        params.mlflow.experiment, f"{candidates_of(study)} and attributes.start_time >= {since}"
+    )
+    winner = found[0] if found else candidate
+    if candidate != winner:
         tracking.delete_runs(params.mlflow.experiment, f"attributes.run_id = '{candidate}'")
-    if candidate == winner and new_study:
+    elif new_study:
         queue_starting_points(study, params)
-    if study.user_attrs.get(PARENT_RUN_ATTR) != winner:  # shown beside the study, for users
-        study.set_user_attr(PARENT_RUN_ATTR, winner)
+    study.set_user_attr(PARENT_RUN_ATTR, winner)  # the same value from every worker
     return winner
 
 
@@ -268,22 +272,24 @@ def candidates_of(study: optuna.Study) -> str:
     return f"tags.`{CANDIDATE_TAG}` = 'true' and tags.`optuna.study` = '{study.study_name}'"
 
 
-def settle(study: optuna.Study, storage: Storage, params: Params, parent_run_id: str) -> None:
+def settle(study: optuna.Study, params: Params, parent_run_id: str) -> None:
     """Once this worker starts no more trials: ends what a dead worker left behind.
 
     Waits (at most grace_seconds and two heartbeats) while trials are RUNNING, failing those
     whose heartbeat stopped; a live worker's trial simply finishes meanwhile, or is left to it.
     A retry still WAITING in a full study is not needed: it is failed with that reason. Parent
     run candidates left by a worker that died before deleting its own are deleted, once they
-    are grace_seconds old (a younger one may belong to a worker that is still deciding).
+    are grace_seconds old (a younger one may belong to a worker that is still deciding) and
+    if no run is nested under them (the parent of an earlier study of the same name stays).
     """
-    tune = params.tune
+    tune, experiment = params.tune, params.mlflow.experiment
     created_before = int((time.time() - tune.grace_seconds) * 1000)
-    tracking.delete_runs(
-        params.mlflow.experiment,
-        f"{candidates_of(study)} and attributes.start_time < {created_before}",
-        keep=parent_run_id,
-    )
+    old = f"{candidates_of(study)} and attributes.start_time < {created_before}"
+    for candidate in tracking.find_runs(experiment, old):  # an earlier parent has children
+        if candidate != parent_run_id and not tracking.find_runs(
+            experiment, f"tags.`mlflow.parentRunId` = '{candidate}'"
+        ):
+            tracking.delete_runs(experiment, f"attributes.run_id = '{candidate}'")
     deadline = time.monotonic() + tune.grace_seconds + 2 * tune.heartbeat_seconds
     running = (optuna.trial.TrialState.RUNNING,)
     while study.get_trials(deepcopy=False, states=running) and time.monotonic() < deadline:
@@ -295,14 +301,15 @@ def settle(study: optuna.Study, storage: Storage, params: Params, parent_run_id:
             tracking.end_abandoned_run(
                 run_id, "FAILED", failed.user_attrs.get("fail_reason") or "failed"
             )
-    if finished_trials(study) < tune.n_trials:
+    if not is_full(study, tune.n_trials):
         return
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for waiting in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-        if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(waiting) is None:
-            continue  # queued by hand: not ours to drop
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
-        if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING):  # ours now
-            reason = f"not needed: the study already has its {tune.n_trials} trials"
-            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    reason = f"not needed: the study already has its {tune.n_trials} trials"
+    while waiting := study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        if (
+            optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(waiting[0])
+            is None
+        ):
+            return  # queued by hand, and a rerun with a higher n_trials runs it: not ours to drop
+        trial = study.ask()  # the oldest WAITING trial (or, if another worker took it, any)
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)

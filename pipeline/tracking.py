@@ -318,6 +318,15 @@ def end_abandoned_run(run_id: str, status: str = "KILLED", reason: str | None = 
     log.info("ended MLflow run %s as %s%s", run_id, status, f": {reason}" if reason else "")
 
 
+def find_runs(experiment: str, filter_string: str) -> list[str]:
+    """Ids of the active runs of `experiment` that match `filter_string`, earliest first (by
+    start time, then id)."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string) if found else []
+    return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
+
+
 def delete_runs(experiment: str, filter_string: str, keep: str | None = None) -> None:
     """Deletes the runs of `experiment` that match `filter_string`, except `keep`. A user not
     allowed to delete them (MLflow's basic auth) gets a warning: they are only clutter."""

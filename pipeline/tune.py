@@ -41,10 +41,10 @@ from pipeline.params_edit import rounded
 from pipeline.retry import describe
 from pipeline.stage import run_stage
 from pipeline.study import (
-    FINISHED_STATES,
     Retry,
     Storage,
     finished_trials,
+    is_full,
     open_study,
     settle,
     shared_parent_run,
@@ -56,11 +56,6 @@ matplotlib.use("Agg")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 log = logging.getLogger(__name__)
-
-# Fault-injection tests only: "start=S" or "store=S" makes the worker pause S seconds once a
-# trial's MLflow run is open (before its process starts), or before Optuna stores its result.
-TEST_PAUSE_ENV = "PIPELINE_TEST_PAUSE"
-
 
 # --- one trial ----------------------------------------------------------------------------------
 
@@ -139,7 +134,6 @@ class Objective:
             self.unstored_run_id = run.info.run_id
             tracking.log_params(params)
             tracking.set_tags({"optuna.state": "RUNNING"})
-            pause_for_fault_tests("start", trial.number)
             job = TrialJob(
                 params, trial.number, tracking.tracking_uri(), run.info.run_id, os.getcwd()
             )
@@ -171,7 +165,6 @@ class Objective:
                 raise RuntimeError(f"trial {trial.number} failed in its process:\n{outcome.reason}")
             tracking.set_tags({"optuna.state": "COMPLETE"})
             tracking.log_summary({"objective_val_accuracy": outcome.value})
-        pause_for_fault_tests("store", trial.number)
         if self.params.tune.multi_objective:
             return outcome.value, outcome.fit_seconds
         return outcome.value
@@ -199,14 +192,6 @@ class Objective:
         if self.unstored_run_id:
             tracking.end_abandoned_run(self.unstored_run_id, "FAILED", reason)
             self.unstored_run_id = None
-
-
-def pause_for_fault_tests(point: str, number: int) -> None:
-    """Pauses where PIPELINE_TEST_PAUSE says (fault-injection tests kill the worker there)."""
-    name, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition("=")
-    if name == point:
-        log.info("trial %d: pausing %s s at %r (%s)", number, seconds, point, TEST_PAUSE_ENV)
-        time.sleep(float(seconds))
 
 
 class OneLineErrors(logging.Filter):
@@ -375,18 +360,21 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
     tune = params.tune
     objective = Objective(params, parent_run_id)
     deadline = None if tune.timeout is None else time.monotonic() + tune.timeout
+
+    def stop_when_full(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if is_full(study, tune.n_trials):
+            study.stop()
+
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
         objective.stored,
         log_trial,
         Retry(tune.n_trials),  # a failed trial's values go back in the queue
-        optuna.study.MaxTrialsCallback(tune.n_trials, states=FINISHED_STATES),
+        stop_when_full,
     ]
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
         try:
-            if finished_trials(study) >= tune.n_trials or (
-                remaining is not None and remaining <= 0
-            ):
+            if is_full(study, tune.n_trials) or (remaining is not None and remaining <= 0):
                 return
             study.optimize(
                 objective, timeout=remaining, callbacks=callbacks, catch=(TrialFailed,),
@@ -430,32 +418,35 @@ def sweep(params: Params) -> dict[str, Any]:
     tracking.wait_for_store(tune.connect_seconds)
     tracking.check_access()  # before the study: a refused worker stores nothing
     study, storage = open_study(tune)
-    parent_run_id = shared_parent_run(study, storage, params)
+    parent_run_id = shared_parent_run(study, params)
     with tracking.tracked_run(params.mlflow.experiment, run_id=parent_run_id):
-        done = finished_trials(study)
-        if done < tune.n_trials:
+        if not is_full(study, tune.n_trials):
             log.info(
                 "study %r has %d of %d trials; running trials",
                 study.study_name,
-                done,
+                finished_trials(study),
                 tune.n_trials,
             )
             for split in ("train", "validation"):  # before any trial: one clear error
                 split_files(params.paths.prepared, split)
             run_trials(study, storage, params, parent_run_id)
         else:
-            log.info("study %r already has %d trials; nothing to run", study.study_name, done)
-        settle(study, storage, params, parent_run_id)
+            log.info(
+                "study %r already has %d trials; nothing to run",
+                study.study_name,
+                finished_trials(study),
+            )
+        settle(study, params, parent_run_id)
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise PipelineError(
                 f"study {study.study_name!r} has no complete trial yet; "
                 "widen tune.space or raise tune.n_trials"
             )
         best = write_outputs(study, params)
-    done = finished_trials(study)
-    if done < tune.n_trials:
+    if not is_full(study, tune.n_trials):
         raise PipelineError(
-            f"study {study.study_name!r} ended short: {done} of tune.n_trials = {tune.n_trials} "
+            f"study {study.study_name!r} ended short: {finished_trials(study)} of tune.n_trials = "
+            f"{tune.n_trials} "
             f"finished trials (tune.timeout = {tune.timeout} s passed); rerun to go on"
         )
     return best

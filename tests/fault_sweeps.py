@@ -14,8 +14,7 @@ import optuna
 import psutil
 import yaml
 
-from tests.helpers import MlflowServer, Postgres, run_env
-from tests.test_tune import STUDY, sweep_project
+from tests.helpers import STUDY, MlflowServer, Postgres, run_env, sweep_project
 
 State = optuna.trial.TrialState
 FINISHED = (State.COMPLETE, State.PRUNED)

@@ -248,6 +248,39 @@ def tiny_project(
     return project, {"CIFAR10_URL": str(archive)}
 
 
+STUDY = "tiny-sweep"  # the tests' sweeps
+# A sweep small enough for tests: 3 trials of 2 epochs, pruning from the first epoch, and
+# heartbeats fast enough to see a dead worker's trial failed within seconds. It tunes the four
+# params a sweep tunes at the least (params.yaml's own space tunes more).
+SWEEP = {
+    "space": {
+        "train.learning_rate": {"low": 0.01, "high": 0.2, "log": True},
+        "train.momentum": {"low": 0.8, "high": 0.95, "log": False},
+        "model.conv_dropout": {"low": 0.0, "high": 0.3, "log": False},
+        "model.dense_dropout": {"low": 0.1, "high": 0.6, "log": False},
+    },
+    "study_name": STUDY,
+    "storage": "sqlite:///optuna.db",
+    "n_trials": 3,
+    "epochs": 2,
+    "train_fraction": 1.0,
+    "startup_trials": 1,
+    "warmup_epochs": 0,
+    "heartbeat_seconds": 1,
+    "grace_seconds": 3,
+}
+
+
+def sweep_project(tmp: Path, own_mlflow: bool = True, **tune: Any) -> tuple[Path, dict[str, str]]:
+    """A tiny repository with its data prepared, and (by default) its own MLflow store."""
+    project, env = tiny_project(tmp, tune={**SWEEP, **tune})
+    if own_mlflow:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    result = run(["dvc", "repro", "preprocess"], project, **env)
+    assert result.returncode == 0, result.stderr
+    return project, env
+
+
 def write_params(directory: Path, params: dict[str, Any]) -> Path:
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

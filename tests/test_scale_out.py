@@ -20,10 +20,10 @@ from tests.helpers import (
     run_env,
     sha256_of,
     shrink,
+    sweep_project,
     write_params,
     write_python_archive,
 )
-from tests.test_tune import sweep_project
 
 pytestmark = pytest.mark.slow
 State = optuna.trial.TrialState

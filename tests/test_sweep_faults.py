@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fault_sweeps import FAULT_SWEEP, State, Sweep, gone
-from tests.test_tune import sweep_project
+from tests.helpers import sweep_project
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +47,16 @@ def kill_a_worker_and_check(
 
 
 def test_a_worker_killed_as_its_trial_starts(fault_sweep: Callable[..., Sweep]) -> None:
+    """Killed once its trial's MLflow run is open and before the trial's process exists: a
+    worker's first trial waits seconds for the fork server to import TensorFlow."""
     sweep = fault_sweep()
-    (victim,) = sweep.start(1, PIPELINE_TEST_PAUSE="start=60")  # holds its first trial there
+    (victim,) = sweep.start(1)
     sweep.start(2)
     doomed = sweep.wait_for(
         lambda t: t.state == State.RUNNING and "mlflow_run_id" in t.user_attrs
-        and t.user_attrs["worker"].endswith(f":{victim.pid}"),
-        "held by the pausing worker",
+        and "process" not in t.user_attrs and t.user_attrs["worker"].endswith(f":{victim.pid}"),
+        "with its run open and no process yet",
     )  # fmt: skip
-    assert "process" not in doomed.user_attrs  # no training has started
     kill_a_worker_and_check(sweep, victim, doomed.number)
 
 
@@ -75,15 +76,25 @@ def test_a_worker_killed_during_fit(fault_sweep: Callable[..., Sweep]) -> None:
 def test_a_worker_killed_between_fit_and_storing_the_result(
     fault_sweep: Callable[..., Sweep],
 ) -> None:
-    """The others start once the dead worker's trial is stale. Started together with it, they
-    could reach n_trials before any of them looked for stale trials again; the sweep is then
-    rightly full and the lost trial is not retried, so the retry would be down to timing."""
+    """Stopped (SIGSTOP) the moment its trial's process has exited with the result, and killed
+    if Optuna has not stored it yet (else let go, and tried on its next trial). The others start
+    once the dead worker's trial is stale: started together with it, they could fill the study
+    before any of them looked for stale trials again, and the retry would be down to timing."""
     sweep = fault_sweep()
-    (victim,) = sweep.start(1, PIPELINE_TEST_PAUSE="store=60")
-    doomed = sweep.wait_for(
-        lambda t: t.state == State.RUNNING and "fit_seconds" in t.user_attrs,
-        "trained and not yet stored",
-    )  # fmt: skip
+    (victim,) = sweep.start(1)
+    doomed = None
+    while doomed is None:
+        trial = sweep.wait_for(
+            lambda t: t.state == State.RUNNING and "process" in t.user_attrs,
+            "training in its own process",
+        )  # fmt: skip
+        while not gone(trial.user_attrs["process"]):
+            time.sleep(0.005)
+        os.kill(victim.pid, signal.SIGSTOP)
+        if sweep.trials()[trial.number].state == State.RUNNING:
+            doomed = trial
+        else:
+            os.kill(victim.pid, signal.SIGCONT)
     kill_a_worker_and_check(sweep, victim, doomed.number, others=2)
 
 

@@ -9,8 +9,7 @@ import optuna
 import pytest
 
 from tests.fault_sweeps import Sweep, describe
-from tests.helpers import MlflowServer, Postgres
-from tests.test_tune import STUDY
+from tests.helpers import STUDY, MlflowServer, Postgres
 
 pytestmark = pytest.mark.slow
 

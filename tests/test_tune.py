@@ -24,50 +24,19 @@ from pipeline.study import queue_starting_points
 from pipeline.tune import suggest, sweep_description
 from tests.helpers import (
     ROOT,
+    STUDY,
+    SWEEP,
     copy_project,
     free_port,
     run,
     run_env,
-    tiny_project,
+    sweep_project,
     write_params,
 )
 
 pytestmark = pytest.mark.slow
 
-STUDY = "tiny-sweep"
 State = optuna.trial.TrialState
-
-
-# A sweep small enough for tests: 3 trials of 2 epochs, pruning from the first epoch, and
-# heartbeats fast enough to see a dead worker's trial failed within seconds. It tunes the four
-# params a sweep tunes at the least (params.yaml's own space tunes more).
-SWEEP = {
-    "space": {
-        "train.learning_rate": {"low": 0.01, "high": 0.2, "log": True},
-        "train.momentum": {"low": 0.8, "high": 0.95, "log": False},
-        "model.conv_dropout": {"low": 0.0, "high": 0.3, "log": False},
-        "model.dense_dropout": {"low": 0.1, "high": 0.6, "log": False},
-    },
-    "study_name": STUDY,
-    "storage": "sqlite:///optuna.db",
-    "n_trials": 3,
-    "epochs": 2,
-    "train_fraction": 1.0,
-    "startup_trials": 1,
-    "warmup_epochs": 0,
-    "heartbeat_seconds": 1,
-    "grace_seconds": 3,
-}
-
-
-def sweep_project(tmp: Path, own_mlflow: bool = True, **tune: Any) -> tuple[Path, dict[str, str]]:
-    """A tiny repository with its data prepared, and (by default) its own MLflow store."""
-    project, env = tiny_project(tmp, tune={**SWEEP, **tune})
-    if own_mlflow:
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    result = run(["dvc", "repro", "preprocess"], project, **env)
-    assert result.returncode == 0, result.stderr
-    return project, env
 
 
 def load(project: Path) -> optuna.Study:
@@ -384,35 +353,37 @@ def test_the_best_values_go_into_params_yaml_keeping_everything_else(tmp_path: P
 
 
 def test_a_worker_that_died_while_creating_the_parent_run_blocks_nobody(tmp_path: Path) -> None:
-    """One worker died after recording its parent-run claim, another before recording its
-    candidate: the next worker takes the claimed run as the parent and creates none."""
+    """A worker died after creating its parent-run candidate, another one a minute earlier, and
+    an earlier study of the same name left its parent: the next worker takes the recent
+    candidate as the parent and deletes its own. Candidates older than tune.grace_seconds are
+    never chosen; the orphan is deleted, the earlier parent, with its trial, stays. The storage
+    holds the user's study alone."""
     from mlflow import MlflowClient
 
-    project, env = sweep_project(tmp_path, n_trials=1, epochs=1)
+    project, env = sweep_project(tmp_path, n_trials=1, epochs=1, grace_seconds=30)
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.create_experiment(
         "cifar10-cnn", artifact_location=(project / "mlruns").as_uri()
     )
-    claimed, orphan = (
+    tags = {"optuna.study": STUDY, "optuna.parent_candidate": "true"}
+    now = time.time()
+    earlier_study, orphan, claimed = (
         client.create_run(
-            experiment, run_name=f"sweep-{STUDY}",
-            tags={"optuna.study": STUDY, "optuna.parent_candidate": "true"},
+            experiment, run_name=f"sweep-{STUDY}", tags=tags, start_time=int(start * 1000)
         ).info.run_id
-        for _ in range(2)
+        for start in (now - 3600, now - 60, now)
     )  # fmt: skip
-    claims = optuna.create_study(
-        storage=f"sqlite:///{project / 'optuna.db'}", study_name=f"{STUDY}:mlflow-parent"
-    )
-    claims.add_trial(
-        optuna.trial.create_trial(state=State.COMPLETE, value=0.0, user_attrs={"run_id": claimed})
-    )
+    client.create_run(experiment, tags={"mlflow.parentRunId": earlier_study})  # its trial
     result = run(["python", "-m", "pipeline.tune"], project, **env)
     assert result.returncode == 0, result.stderr[-3000:]
     _, parents, children = mlflow_runs(project)
-    assert [p.info.run_id for p in parents] == [claimed]
+    assert sorted(p.info.run_id for p in parents) == sorted([claimed, earlier_study])
     assert client.get_run(orphan).info.lifecycle_stage == "deleted"
-    assert [c.data.tags["mlflow.parentRunId"] for c in children] == [claimed]
+    nested = {c.info.run_name: c.data.tags["mlflow.parentRunId"] for c in children}
+    assert nested["trial-0"] == claimed and len(nested) == 2
     assert load(project).user_attrs["mlflow_parent_run_id"] == claimed
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{project / 'optuna.db'}")
+    assert [s.study_name for s in summaries] == [STUDY]
 
 
 def test_a_two_objective_sweep_draws_its_pareto_front_and_hands_back_any_trial(
