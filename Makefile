@@ -39,8 +39,11 @@ test-prerequisites:
 	  || missing="$$missing PostgreSQL's server (initdb, pg_ctl)"; \
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
 	  || missing="$$missing Chromium"; \
-	if [ -n "$$missing" ]; then echo "make test: missing$$missing; install with" \
-	  "'sudo apt-get install -y git postgresql chromium' (README: Prerequisites)" >&2; exit 1; fi
+	{ PATH="$$PATH:/usr/sbin"; command -v slurmctld && command -v munged; } >/dev/null 2>&1 \
+	  || missing="$$missing Slurm and MUNGE (slurmctld, munged)"; \
+	if [ -n "$$missing" ]; then echo "make test: missing$$missing; install with 'sudo" \
+	  "apt-get install -y git postgresql chromium slurm-wlm munge' (README: Prerequisites)" >&2; \
+	  exit 1; fi
 
 install: $(STAMP)
 

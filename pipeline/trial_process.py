@@ -126,8 +126,10 @@ def trial_subset(train: Split, params: TuneParams) -> Split:
 def train_trial(job: TrialJob, results: Connection, answers: Connection) -> None:
     """The trial process: trains, then sends its TrialOutcome to the worker."""
     configure_logging()
-    # Ctrl-C in a terminal reaches the whole process group: the worker stops this process.
+    # Ctrl-C in a terminal, and a scheduler's SIGTERM (Slurm signals every process of a job),
+    # reach this process too: the worker decides, hands the trial back, and kills this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     heard: queue.Queue[bool] = queue.Queue()
     threading.Thread(
         target=listen_to_worker, args=(answers, heard, job.number), daemon=True
@@ -242,7 +244,7 @@ def run_in_process(
     finally:
         process.join(timeout=30 if outcome is not None else 0)
         if process.is_alive():
-            process.terminate()
+            process.kill()  # it ignores SIGTERM; it has nothing to save
             process.join()
         results.close()
         answers.close()

@@ -533,3 +533,102 @@ def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
     assert created.ok, created.text
     return MlflowServer(url, process, command, env)
 
+
+@dataclass
+class Slurm:
+    """A one-node Slurm cluster on this machine: slurmctld and slurmd, as root, with MUNGE."""
+
+    base: Path
+    daemons: list[subprocess.Popen[bytes]]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What sbatch, squeue, scancel and scontrol need to find this cluster."""
+        return {"SLURM_CONF": str(self.base / "slurm.conf")}
+
+    def command(self, *args: str) -> str:
+        result = subprocess.run(
+            args, env={**os.environ, **self.env}, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, (args, result.stderr)
+        return result.stdout
+
+    def log(self) -> str:
+        return "".join(
+            (self.base / name).read_text(errors="replace")
+            for name in ("slurmctld.log", "slurmd.log")
+            if (self.base / name).exists()
+        )
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.terminate()
+        for daemon in self.daemons:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                daemon.wait(timeout=30)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_slurm() -> Slurm:
+    """slurmctld and slurmd in the foreground on free ports, with their state, spool and logs
+    in a folder of their own (SLURM_CONF names it: nothing under /etc is changed). Needs root,
+    Debian's slurm-wlm and munge (.ci/run installs them), and starts munged if none runs."""
+    import tempfile
+
+    assert os.geteuid() == 0, "a Slurm cluster's daemons run as root: run the tests as root"
+    for daemon in ("slurmctld", "slurmd", "munged"):
+        assert shutil.which(daemon) or Path(f"/usr/sbin/{daemon}").exists(), (
+            f"{daemon} not found: apt-get install slurm-wlm munge (.ci/run does)"
+        )
+    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+        Path("/run/munge").mkdir(exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    base = Path(tempfile.mkdtemp(prefix="pipeline-slurm-"))
+    for folder in ("state", "spool"):
+        (base / folder).mkdir()
+    (base / "slurm.conf").write_text(
+        f"""ClusterName=pipeline
+SlurmctldHost=localhost
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={base / "state"}
+SlurmdSpoolDir={base / "spool"}
+SlurmctldPidFile={base / "slurmctld.pid"}
+SlurmdPidFile={base / "slurmd.pid"}
+SlurmctldLogFile={base / "slurmctld.log"}
+SlurmdLogFile={base / "slurmd.log"}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+KillWait=10
+NodeName=localhost CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+"""
+    )
+    env = {**os.environ, "SLURM_CONF": str(base / "slurm.conf")}
+    daemons = [
+        subprocess.Popen(["slurmctld", "-D", "-i"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL),
+        subprocess.Popen(["slurmd", "-D", "-N", "localhost"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    slurm = Slurm(base, daemons)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True
+        ).stdout.strip()
+        if state == "idle":
+            return slurm
+        time.sleep(0.5)
+    slurm.stop()
+    raise RuntimeError(f"the Slurm node did not come up within 60 s:\n{slurm.log()[-3000:]}")
