@@ -1,0 +1,263 @@
+"""Benchmark: sweep coordination with 1, 8, 32 and more workers on one PostgreSQL and one MLflow
+server, training replaced by a stand-in.
+
+Each worker is the real `python -m pipeline.tune` code path (Optuna storage with its retries and
+heartbeats, the MLflow parent run and one nested run per trial, the retry and settle logic),
+except that the trial's process is replaced, in this benchmark only, by a stand-in in the worker
+that sleeps a drawn time per epoch, logs each epoch to the trial's MLflow run as a trial process
+does, and reports a drawn validation accuracy. Per worker count it writes:
+
+- trials per minute (finished trials over the sweep's wall time, first worker start to last end);
+- coordination seconds per trial, p50 and p99: a trial's time in Optuna (start to finish) less
+  the stand-in's own sleep, i.e. everything that is not training;
+- peak PostgreSQL connections (to the study's database, and in all), polled every 0.25 s (the
+  throwaway cluster allows 200, max_connections; a poll refused there is counted);
+- MLflow requests per second (counted in each worker's MLflow client);
+- errors (tracebacks in the workers' output), lost trials (RUNNING or WAITING at the end, or a
+  finished trial without exactly one FINISHED run) and duplicated ones (two runs for a trial).
+
+    python benchmarks/sweep_scale.py --workers 1 8 32 64 --trials-per-worker 3
+
+Writes benchmarks/results/sweep_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import (  # noqa: E402 - the tests' own server and data helpers
+    STUDY,
+    SWEEP,
+    copy_project,
+    make_tiny_cifar,
+    run,
+    run_env,
+    start_mlflow_server,
+    start_postgres,
+    tiny_params,
+    write_params,
+    write_python_archive,
+)
+
+RESULTS = Path(__file__).parent / "results"
+COUNT_FILE_ENV = "SWEEP_SCALE_COUNTS"  # where a worker writes its MLflow request count
+
+
+def worker() -> None:
+    """One sweep worker, `pipeline.tune.main`, with the stand-in for the trial's process."""
+    import mlflow.utils.rest_utils as rest_utils
+
+    from pipeline import tracking, tune
+    from pipeline.stage import run_stage
+    from pipeline.trial_process import Epoch, TrialJob, TrialOutcome
+
+    requests = [0]
+    send = rest_utils.http_request
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        requests[0] += 1
+        return send(*args, **kwargs)
+
+    rest_utils.http_request = counted
+    rng = random.Random(os.getpid())
+
+    def stand_in(job: TrialJob, judge: Any, started: Any) -> TrialOutcome:
+        started(os.getpid())
+        slept, value = 0.0, 0.0
+        for epoch in range(1, job.params.train.epochs + 1):
+            seconds = rng.uniform(0.2, 0.6)
+            time.sleep(seconds)
+            slept += seconds
+            value = rng.uniform(0.1, 0.9)
+            logs = {"loss": 1.0, "accuracy": value, "val_loss": 1.0, "val_accuracy": value}
+            tracking.log_epoch(epoch, logs, job.run_id)
+            if judge(Epoch(epoch, value)):
+                return TrialOutcome("pruned", reason="pruned", fit_seconds=slept)
+        return TrialOutcome("complete", value=value, fit_seconds=slept)
+
+    tune.run_in_process = stand_in  # type: ignore[assignment]
+    try:
+        run_stage(tune.main)
+    finally:
+        Path(os.environ[COUNT_FILE_ENV]).write_text(str(requests[0]))
+
+
+def connections(postgres: Any, database: str | None) -> int:
+    """Open connections to `database` (None: to any database), as pg_stat_activity says."""
+    import psycopg
+
+    where = "datname is not null" if database is None else f"datname = '{database}'"
+    with psycopg.connect(postgres.url("postgres"), autocommit=True) as connection:
+        query = f"select count(*) from pg_stat_activity where {where}"
+        (count,) = connection.execute(query).fetchone()
+    return int(count)
+
+
+def measure(postgres: Any, server: Any, project: Path, workers: int, trials: int) -> dict[str, Any]:
+    import optuna
+
+    database = f"scale_{workers}"
+    storage = postgres.create_database(database)
+    experiment = f"scale-{workers}"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["mlflow"]["experiment"] = experiment
+    params["tune"].update(n_trials=trials)
+    write_params(project, params)
+    counts = Path(tempfile.mkdtemp(prefix="scale-counts-"))
+    env = run_env(OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=server.url, **server.credentials())
+
+    peaks = {"study": 0, "all": 0}
+    done = threading.Event()
+
+    def poll() -> None:
+        import psycopg
+
+        while not done.is_set():
+            try:
+                peaks["study"] = max(peaks["study"], connections(postgres, database))
+                peaks["all"] = max(peaks["all"], connections(postgres, None))
+            except psycopg.OperationalError:  # "too many clients": max_connections is reached
+                peaks["refused"] = peaks.get("refused", 0) + 1
+            time.sleep(0.25)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    started = time.monotonic()
+    processes = []
+    for number in range(workers):
+        count_file = {COUNT_FILE_ENV: str(counts / f"{number}.txt")}
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--worker"],
+                cwd=project,
+                env={**env, **count_file},
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    outputs = [p.communicate(timeout=3600)[0] for p in processes]
+    wall = time.monotonic() - started
+    done.set()
+    poller.join()
+
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    trials_ = study.get_trials()
+    State = optuna.trial.TrialState
+    finished = [t for t in trials_ if t.state in (State.COMPLETE, State.PRUNED)]
+    coordination = sorted(
+        (t.datetime_complete - t.datetime_start).total_seconds() - t.user_attrs["fit_seconds"]
+        for t in finished
+    )
+    client = server.client()
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=50_000)
+    finished_runs: dict[str, int] = {}
+    for run_ in runs:
+        if "mlflow.parentRunId" in run_.data.tags and run_.info.status == "FINISHED":
+            finished_runs[run_.info.run_name] = finished_runs.get(run_.info.run_name, 0) + 1
+    lost = [t.number for t in trials_ if t.state in (State.RUNNING, State.WAITING)]
+    lost += [t.number for t in finished if finished_runs.get(f"trial-{t.number}", 0) == 0]
+    duplicated = [name for name, count in finished_runs.items() if count > 1]
+    requests = sum(int(f.read_text()) for f in counts.glob("*.txt"))
+
+    def percentile(values: list[float], share: float) -> float:
+        return values[min(len(values) - 1, round(share * (len(values) - 1)))]
+
+    return {
+        "workers": workers,
+        "n_trials": trials,
+        "finished_trials": len(finished),
+        "all_trials": len(trials_),
+        "wall_seconds": round(wall, 1),
+        "trials_per_minute": round(60 * len(finished) / wall, 1),
+        "coordination_seconds_p50": round(percentile(coordination, 0.5), 3),
+        "coordination_seconds_p99": round(percentile(coordination, 0.99), 3),
+        "stand_in_seconds_mean": round(
+            statistics.mean(t.user_attrs["fit_seconds"] for t in finished), 3
+        ),
+        "peak_postgres_connections_study": peaks["study"],
+        "peak_postgres_connections_all": peaks["all"],
+        "polls_refused_at_max_connections": peaks.get("refused", 0),
+        "mlflow_requests": requests,
+        "mlflow_requests_per_second": round(requests / wall, 1),
+        "worker_exit_codes": sorted({p.returncode for p in processes}),
+        "errors": sum("Traceback" in output for output in outputs),
+        "first_error": next(
+            (
+                output[output.index("Traceback") :][-1500:]
+                for output in outputs
+                if "Traceback" in output
+            ),
+            None,
+        ),
+        "failed_workers_last_lines": [
+            output.strip().splitlines()[-1][-300:]
+            for output, p in zip(outputs, processes, strict=True)
+            if p.returncode != 0 and output.strip()
+        ],
+        "lost_trials": lost,
+        "duplicated_trials": duplicated,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--trials-per-worker", type=int, default=3)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker()
+        return
+
+    postgres = start_postgres()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        server = start_mlflow_server(postgres.create_database("mlflow"), tmp_path / "artifacts")
+        try:
+            archive = write_python_archive(tmp_path / "cifar.tar.gz", make_tiny_cifar())
+            project = copy_project(tmp_path / "project")
+            params = tiny_params(archive, tune={**SWEEP, "epochs": 3, "pruner": "none"})
+            write_params(project, params)
+            prepared = run(["dvc", "repro", "preprocess"], project, CIFAR10_URL=str(archive))
+            assert prepared.returncode == 0, prepared.stderr
+            rows = []
+            for workers in args.workers:
+                row = measure(postgres, server, project, workers, workers * args.trials_per_worker)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        finally:
+            server.stop()
+            postgres.stop()
+    RESULTS.mkdir(exist_ok=True)
+    report = {
+        "benchmark": "sweep_scale",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "mlflow_server_workers": 1,
+        "rows": rows,
+    }
+    (RESULTS / "sweep_scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
