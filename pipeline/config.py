@@ -314,7 +314,7 @@ class Params(Section):
                 model.model_validate(trial[section])
             except ValidationError as error:
                 shown = next(iter(values.values())) if len(values) == 1 else dict(values)
-                reason = describe(error, (section,))
+                reason = validation_message(error, (section,))
                 raise ValueError(f"{where}: the value {shown!r} is refused ({reason})") from None
 
 
@@ -351,10 +351,10 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
-        raise ParamsError(f"{source}: {describe(error)}") from None
+        raise ParamsError(f"{source}: {validation_message(error)}") from None
 
 
-def describe(error: ValidationError, prefix: tuple[str, ...] = ()) -> str:
+def validation_message(error: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     """pydantic's first error in one line: the dotted key, the value found, what is allowed."""
     errors = error.errors(include_url=False)
     # A misspelt key is also a missing one: naming the misspelling says what to fix.

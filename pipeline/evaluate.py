@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
 from pipeline import tracking
-from pipeline.atomic import write_json, write_text
+from pipeline.atomic import replacing, write_json, write_text
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.dataset import Split, load_class_names, load_split
 from pipeline.errors import PipelineError
@@ -146,11 +146,9 @@ def draw_misclassified(
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=100, metadata={"Software": None})  # no version stamp: stable bytes
+    with replacing(path) as tmp:
+        figure.savefig(tmp, dpi=100, metadata={"Software": None})  # no version stamp: stable bytes
     plt.close(figure)
-    tmp.replace(path)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def apply_best(params_file: Path, best_file: Path) -> dict[str, Any]:
     return apply_values(params_file, found, str(best_file))
 
 
-def trial_values(tune: TuneParams, number: int) -> dict[str, Any]:
+def stored_trial_values(tune: TuneParams, number: int) -> dict[str, Any]:
     """Trial `number`'s values, read from the study; a trial that did not finish is refused."""
     import optuna
 
@@ -81,7 +81,7 @@ def main() -> None:
         values = apply_best(PARAMS_FILE, params.paths.best_params)
     else:
         source = f"trial {number} of study {params.tune.study_name!r}"
-        values = apply_values(PARAMS_FILE, trial_values(params.tune, number), source)
+        values = apply_values(PARAMS_FILE, stored_trial_values(params.tune, number), source)
     for name, value in values.items():
         log.info("params.yaml: %s = %s", name, value)
 

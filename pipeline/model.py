@@ -7,11 +7,11 @@ It takes raw uint8 images (32, 32, 3) and scales them itself (to [0, 1] or [-1, 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import keras
 
+from pipeline.atomic import replacing
 from pipeline.config import ModelParams
 from pipeline.errors import PipelineError
 
@@ -133,13 +133,8 @@ def summary_text(model: keras.Model) -> str:
 
 def save_model(model: keras.Model, path: Path) -> None:
     """Saves beside `path`, then renames: a half-written model never takes its place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")  # Keras wants the suffix
-    try:
+    with replacing(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_model(path: Path) -> keras.Model:

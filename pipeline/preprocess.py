@@ -7,8 +7,6 @@ test batch passes through untouched. Pixels stay uint8: scaling belongs to the m
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import write_json
+from pipeline.atomic import replacing, write_json
 from pipeline.cifar import Cifar10, load_cifar10
 from pipeline.config import PreprocessParams, load_params
 from pipeline.dataset import CLASSES_FILE, SPLITS, Split, split_dir, stratified_split
@@ -65,17 +63,10 @@ def take_rows(arrays: tuple[np.ndarray, ...], indices: np.ndarray) -> np.ndarray
 
 def write_split(split: Split, final: Path) -> None:
     """Writes a split to a temporary folder beside its place, then swaps it in."""
-    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with replacing(final) as staging:
+        staging.mkdir()
         np.save(staging / "images.npy", split.images, allow_pickle=False)
         np.save(staging / "labels.npy", split.labels, allow_pickle=False)
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -19,7 +19,7 @@ from pipeline.stage import run_stage
 log = logging.getLogger(__name__)
 
 
-def describe(name: str) -> str:
+def summary(name: str) -> str:
     """The first comment line of recipes/<name>.yaml."""
     for line in (RECIPES_DIR / f"{name}.yaml").read_text().splitlines():
         if line.startswith("#"):
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.name is None:
         for path in sorted(RECIPES_DIR.glob("*.yaml")):
-            print(f"{path.stem:<8} {describe(path.stem)}")
+            print(f"{path.stem:<8} {summary(path.stem)}")
         return
     values = load_recipe(args.name)
     current = load_params().flat()

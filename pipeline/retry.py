@@ -6,6 +6,7 @@ import logging
 
 import tenacity
 
+from pipeline.errors import error_line
 from pipeline.stage import pause
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def retrying(
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        log.warning("%s: %s; retrying in %.1f s", what, describe(error), state.upcoming_sleep)
+        log.warning("%s: %s; retrying in %.1f s", what, error_line(error), state.upcoming_sleep)
 
     return tenacity.Retrying(
         retry=retry,
@@ -35,11 +36,3 @@ def retrying(
         sleep=pause,  # Ctrl-C ends the wait
         reraise=True,
     )
-
-
-def describe(error: BaseException | None) -> str:
-    """`Type: the first line of its message`, cut to 300 characters."""
-    if error is None:
-        return "unknown error"
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"

@@ -27,8 +27,8 @@ from pipeline.config import (
     redacted,
     storage_url,
 )
-from pipeline.errors import PipelineError
-from pipeline.retry import describe, retrying
+from pipeline.errors import PipelineError, error_line
+from pipeline.retry import retrying
 from pipeline.stage import pause
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
         return waiting(attempt)
     except Exception as error:  # SQLAlchemy and driver errors vary; name the URL and cause
         raise PipelineError(
-            f"cannot open Optuna storage {redacted(url)} ({describe(error)}); gave up after "
+            f"cannot open Optuna storage {redacted(url)} ({error_line(error)}); gave up after "
             f"tune.connect_seconds = {params.connect_seconds} s. Check that the database "
             f"is up and reachable and its credentials are right, or set {STORAGE_ENV}"
         ) from None

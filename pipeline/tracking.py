@@ -35,8 +35,8 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.config import Params
 from pipeline.dataset import Split
-from pipeline.errors import PipelineError
-from pipeline.retry import describe, retrying
+from pipeline.errors import PipelineError, error_line
+from pipeline.retry import retrying
 
 if TYPE_CHECKING:
     import keras
@@ -92,7 +92,7 @@ def use_experiment(name: str) -> str:
             for key, value in EXPERIMENT_KIND.items():
                 mlflow.set_experiment_tag(key, value)
         except MlflowException as error:  # a user allowed to log runs but not to edit it
-            log.warning("could not tag MLflow experiment %r: %s", name, describe(error))
+            log.warning("could not tag MLflow experiment %r: %s", name, error_line(error))
     return str(experiment.experiment_id)
 
 
@@ -220,7 +220,7 @@ def wait_for_store(seconds: float) -> None:
         )(healthy)
     except requests.RequestException as error:
         raise PipelineError(
-            f"MLflow tracking server {uri} unreachable ({describe(error)}); gave up after "
+            f"MLflow tracking server {uri} unreachable ({error_line(error)}); gave up after "
             f"{seconds:.0f} s. Check that it is running, or unset {TRACKING_URI_ENV} to use "
             "the local store"
         ) from None
@@ -236,7 +236,7 @@ def get_run(run_id: str) -> Run:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise PipelineError(f"MLflow run {run_id!r}: not found in {tracking_uri()}") from None
         raise PipelineError(
-            f"MLflow run {run_id!r}: cannot read it from {tracking_uri()}: {describe(error)}"
+            f"MLflow run {run_id!r}: cannot read it from {tracking_uri()}: {error_line(error)}"
         ) from None
 
 
@@ -307,7 +307,7 @@ def end_abandoned_run(run_id: str, status: str = "KILLED", reason: str | None = 
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
-        log.warning("MLflow run %s, to end as %s: %s", run_id, status, describe(error))
+        log.warning("MLflow run %s, to end as %s: %s", run_id, status, error_line(error))
         return
     if run.info.status in ("FAILED", "KILLED"):
         return
@@ -339,7 +339,7 @@ def delete_runs(experiment: str, filter_string: str, keep: str | None = None) ->
                 client.delete_run(run.info.run_id)
                 log.info("deleted MLflow run %s (%s)", run.info.run_id, filter_string)
     except MlflowException as error:
-        log.warning("could not delete runs where %s: %s", filter_string, describe(error))
+        log.warning("could not delete runs where %s: %s", filter_string, error_line(error))
 
 
 def backfill_history(run_id: str, history: Mapping[str, list[float]]) -> None:

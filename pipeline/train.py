@@ -22,7 +22,7 @@ from typing import Any
 import keras
 
 from pipeline import tracking
-from pipeline.atomic import write_json, write_text
+from pipeline.atomic import replacing, write_json, write_text
 from pipeline.config import PARAMS_FILE, Params, load_params
 from pipeline.dataset import load_split
 from pipeline.fit import (
@@ -110,9 +110,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.history.setdefault(key, []).append(float(logs[key]))
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.best.improved:  # the best epoch's weights survive an interruption too
-            tmp = self.directory / f".{BEST_WEIGHTS_FILE}.tmp.weights.h5"
-            self.model.save_weights(tmp)
-            tmp.replace(self.directory / BEST_WEIGHTS_FILE)
+            with replacing(self.directory / BEST_WEIGHTS_FILE) as tmp:
+                self.model.save_weights(tmp)
         model_file = f"epoch-{epoch + 1:04d}.keras"
         save_model(self.model, self.directory / model_file)
         state = CheckpointState(epoch + 1, model_file, self.run_id, self.fingerprint, self.history)

@@ -36,9 +36,8 @@ from pipeline.config import (
     with_values,
 )
 from pipeline.dataset import split_files
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, error_line
 from pipeline.params_edit import rounded
-from pipeline.retry import describe
 from pipeline.stage import run_stage
 from pipeline.study import (
     Retry,
@@ -109,7 +108,7 @@ class Objective:
             raise TrackingUnavailable(
                 f"MLflow tracking store {tracking.tracking_uri()} failed past its retries "
                 f"(about tune.connect_seconds = {self.params.tune.connect_seconds} s): "
-                f"{describe(error)}; this worker stops"
+                f"{error_line(error)}; this worker stops"
             ) from None
 
     def run(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -381,14 +380,14 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
                 gc_after_trial=True,
             )  # fmt: skip
         except optuna.exceptions.StorageInternalError as error:
-            objective.abandon(f"its result could not be stored: {describe(error)}")
-            log.warning("Optuna storage %s: %s", redacted(storage.url), describe(error))
+            objective.abandon(f"its result could not be stored: {error_line(error)}")
+            log.warning("Optuna storage %s: %s", redacted(storage.url), error_line(error))
             try:
                 storage.get_study_id_from_name(study.study_name)  # waits up to connect_seconds
             except optuna.exceptions.StorageInternalError as lasting:
                 raise PipelineError(
                     f"Optuna storage {redacted(storage.url)} unusable for tune.connect_seconds = "
-                    f"{tune.connect_seconds} s ({describe(lasting)}); this worker stops"
+                    f"{tune.connect_seconds} s ({error_line(lasting)}); this worker stops"
                 ) from None
         except (KeyboardInterrupt, TrackingUnavailable):
             requeue(study, objective.number, tune.n_trials)

@@ -87,6 +87,7 @@ def test_the_learning_rate_after_k_steps_follows_the_time_decay_formula(
     assert optimizer.momentum == pytest.approx(0.9) and optimizer.nesterov
 
 
+@pytest.mark.slow  # trains
 def test_fit_records_every_epoch_with_the_learning_rate(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
@@ -102,6 +103,7 @@ def test_fit_records_every_epoch_with_the_learning_rate(
     np.testing.assert_allclose(history["learning_rate"], expected_lr, rtol=1e-6)
 
 
+@pytest.mark.slow  # trains
 def test_same_seed_with_determinism_gives_the_same_metrics(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
@@ -116,6 +118,7 @@ def test_same_seed_with_determinism_gives_the_same_metrics(
     assert train_once() == train_once()
 
 
+@pytest.mark.slow  # trains
 def test_a_nan_loss_stops_training_with_a_clear_error(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
@@ -190,6 +193,7 @@ def test_symmetric_pixels_span_minus_one_to_one_and_he_init_scales_for_relu(
     assert model.get_layer("probabilities").kernel_initializer.__class__.__name__ == "GlorotUniform"
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("restore_best", [True, False])
 def test_the_model_keeps_its_best_or_its_last_epoch(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split], restore_best: bool
@@ -289,6 +293,7 @@ def test_weight_decay_shrinks_each_weight_by_lr_times_decay_per_step(
         np.testing.assert_allclose(w_decayed - w_plain, -0.1 * 0.01 * w0, atol=2e-6)
 
 
+@pytest.mark.slow  # trains
 def test_label_smoothing_trains_on_softened_one_hot_targets(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
@@ -314,6 +319,7 @@ def test_label_smoothing_trains_on_softened_one_hot_targets(
     assert float(np.mean(predicted == validation.labels)) == pytest.approx(best, abs=1e-6)
 
 
+@pytest.mark.slow  # trains
 def test_mixed_bfloat16_computes_in_bfloat16_and_saves_a_float32_model(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
