@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import queue
 import resource
@@ -201,9 +202,18 @@ def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> Tr
 
 
 def trial_processes() -> Any:
-    """Forks trial processes from a server with TensorFlow (and this module) imported."""
+    """Forks trial processes from a server with TensorFlow (and this module) imported.
+
+    The server starts with SIGTERM ignored, and keeps it so: a scheduler's SIGTERM to every
+    process of the job (Slurm's) must not take it away while the worker hands its trial back.
+    """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["pipeline.fit", "pipeline.model", __name__])
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited across exec
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return context
 
 

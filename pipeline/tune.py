@@ -38,7 +38,7 @@ from pipeline.config import (
 from pipeline.dataset import split_files
 from pipeline.errors import PipelineError, error_line
 from pipeline.params_edit import rounded
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage, stop_point
 from pipeline.study import (
     Retry,
     Storage,
@@ -112,6 +112,7 @@ class Objective:
             ) from None
 
     def run(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        stop_point()  # a signal came as Optuna started this trial: hand it back at once
         previous_run = trial.user_attrs.get("mlflow_run_id")  # a retry inherits its attributes
         if previous_run:
             tracking.end_abandoned_run(previous_run, "FAILED", f"retried as trial {trial.number}")
@@ -360,7 +361,8 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
     objective = Objective(params, parent_run_id)
     deadline = None if tune.timeout is None else time.monotonic() + tune.timeout
 
-    def stop_when_full(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        stop_point()  # a signal that came as this trial ended: start no other one
         if is_full(study, tune.n_trials):
             study.stop()
 
@@ -368,7 +370,7 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
         objective.stored,
         log_trial,
         Retry(tune.n_trials),  # a failed trial's values go back in the queue
-        stop_when_full,
+        after_trial,
     ]
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()

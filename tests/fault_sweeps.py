@@ -122,8 +122,15 @@ class Sweep:
         return trials
 
     def retried(self, number: int) -> optuna.trial.FrozenTrial:
+        """The trial that finished in place of failed trial `number`: the last retry after it
+        (Optuna names the chain's first failed trial in every retry of it)."""
         trials = self.trials()
-        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+        first = trials[number].system_attrs.get("failed_trial", number)
+        retries = [
+            t for t in trials if t.system_attrs.get("failed_trial") == first and t.number > number
+        ]
+        assert retries, describe(trials)
+        retry = max(retries, key=lambda t: t.number)
         assert retry.state in FINISHED and retry.params == trials[number].params
         return retry
 
