@@ -102,8 +102,8 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
         import mlflow
 
         from pipeline import tracking
+        from pipeline.checkpoint import EpochCheckpoint
         from pipeline.fit import BestWeights
-        from pipeline.train import EpochCheckpoint
 
         class Timed(keras.callbacks.Callback):
             """Times the tracking callbacks (MLflow logging + checkpoint) inside each epoch."""
