@@ -18,7 +18,9 @@ does, and reports a drawn validation accuracy. Per worker count it writes:
 
     python benchmarks/sweep_scale.py --workers 1 8 32 64 --trials-per-worker 3
 
-Writes benchmarks/results/sweep_scale.json.
+Writes benchmarks/results/sweep_scale.json. With `--pgbouncer 20` the workers reach the study's
+database through PgBouncer (transaction pooling, at most 20 server connections per database) and
+the figures go to benchmarks/results/sweep_scale_pgbouncer.json.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +49,7 @@ from tests.helpers import (  # noqa: E402 - the tests' own server and data helpe
     STUDY,
     SWEEP,
     copy_project,
+    free_port,
     make_tiny_cifar,
     run,
     run_env,
@@ -110,11 +114,46 @@ def connections(postgres: Any, database: str | None) -> int:
     return int(count)
 
 
-def measure(postgres: Any, server: Any, project: Path, workers: int, trials: int) -> dict[str, Any]:
+def start_pgbouncer(postgres: Any, pool_size: int) -> tuple[subprocess.Popen[bytes], int]:
+    """PgBouncer before `postgres` in transaction pooling: each database gets at most
+    `pool_size` server connections, however many clients connect. Returns it and its port."""
+    import psycopg
+
+    base, port = postgres.base / "pgbouncer", free_port()
+    base.mkdir()
+    (base / "users.txt").write_text(f'"{postgres.user}" "{postgres.password}"\n')
+    (base / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host={postgres.host} port={postgres.port}\n\n[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = scram-sha-256\nauth_file = {base / 'users.txt'}\n"
+        f"pool_mode = transaction\ndefault_pool_size = {pool_size}\nmax_client_conn = 4000\n"
+        "log_connections = 0\nlog_disconnections = 0\n"
+    )
+    if postgres.as_user:  # PgBouncer, like PostgreSQL, refuses to run as root
+        for path in (base, base / "users.txt", base / "pgbouncer.ini"):
+            shutil.chown(path, "postgres", "postgres")
+    process = subprocess.Popen([*postgres.as_user, "pgbouncer", str(base / "pgbouncer.ini")])
+    url = postgres.url("postgres").replace(f":{postgres.port}/", f":{port}/")
+    for _ in range(100):
+        try:
+            psycopg.connect(url, prepare_threshold=None).close()
+            return process, port
+        except psycopg.OperationalError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"PgBouncer did not accept connections on port {port} within 10 s")
+
+
+def measure(
+    postgres: Any, server: Any, project: Path, workers: int, trials: int, port: int | None
+) -> dict[str, Any]:
+    """One sweep of `workers` workers to `trials` trials; `port`: PgBouncer's, or None."""
     import optuna
 
     database = f"scale_{workers}"
     storage = postgres.create_database(database)
+    if port is not None:
+        storage = storage.replace(f":{postgres.port}/", f":{port}/")
     experiment = f"scale-{workers}"
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["mlflow"]["experiment"] = experiment
@@ -222,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--trials-per-worker", type=int, default=3)
+    parser.add_argument("--pgbouncer", type=int, metavar="POOL_SIZE", help="through PgBouncer")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -229,6 +269,7 @@ def main() -> None:
         return
 
     postgres = start_postgres()
+    bouncer, port = start_pgbouncer(postgres, args.pgbouncer) if args.pgbouncer else (None, None)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         server = start_mlflow_server(postgres.create_database("mlflow"), tmp_path / "artifacts")
@@ -241,11 +282,15 @@ def main() -> None:
             assert prepared.returncode == 0, prepared.stderr
             rows = []
             for workers in args.workers:
-                row = measure(postgres, server, project, workers, workers * args.trials_per_worker)
+                trials = workers * args.trials_per_worker
+                row = measure(postgres, server, project, workers, trials, port)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
             server.stop()
+            if bouncer is not None:
+                bouncer.terminate()
+                bouncer.wait()
             postgres.stop()
     RESULTS.mkdir(exist_ok=True)
     report = {
@@ -253,9 +298,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "mlflow_server_workers": 1,
+        "pgbouncer_pool_size": args.pgbouncer,
         "rows": rows,
     }
-    (RESULTS / "sweep_scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = "sweep_scale_pgbouncer.json" if args.pgbouncer else "sweep_scale.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -152,7 +152,10 @@ def make_storage(params: TuneParams) -> Storage:
         # the driver's own transactions are off, so Storage can begin them IMMEDIATE.
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60, "isolation_level": None}}
     else:
-        engine_kwargs = {"pool_pre_ping": True}  # a restarted database: reconnect, not fail
+        # pool_pre_ping: a restarted database means reconnect, not fail. No server-side prepared
+        # statements, so the study also works behind PgBouncer's transaction pooling (which
+        # cannot carry them before 1.21): what bounds connections past a few dozen workers.
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"prepare_threshold": None}}
     return Storage(
         url,
         retry_seconds=params.connect_seconds,
