@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import tracking
+from pipeline import provenance, tracking
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.errors import PipelineError
 from pipeline.params_edit import update_params_file
@@ -71,7 +71,7 @@ def refuse_sweep_runs(run_id: str, tags: dict[str, str]) -> None:
 def provenance_report(tags: dict[str, str], lock_hashes: dict[str, str], paths: Any) -> list[str]:
     """Lines saying whether the run's commit and data hashes match the workspace."""
     lines = []
-    commit, workspace = tags.get("git.commit", "unknown"), tracking.git_state()
+    commit, workspace = tags.get("git.commit", "unknown"), provenance.git_state()
     if commit == "unknown":
         lines.append("code: the run recorded no git commit")
     elif commit != workspace["git.commit"]:
@@ -116,7 +116,7 @@ def reproduce(run_id: str) -> dict[str, Any]:
         PARAMS_FILE, len(changes), run_id, run.info.run_name,
         "; `dvc repro` re-creates it" if changes else "; they already match",
     )  # fmt: skip
-    for line in provenance_report(tags, tracking.dvc_hashes(), params.paths):
+    for line in provenance_report(tags, provenance.dvc_hashes(), params.paths):
         log.info("%s", line)
     return changes
 

@@ -15,7 +15,7 @@ import shutil
 import time
 from typing import Any
 
-from pipeline import tracking
+from pipeline import provenance, tracking
 from pipeline.atomic import write_json, write_text
 from pipeline.checkpoint import EpochCheckpoint, load_checkpoint, resume_best, run_fingerprint
 from pipeline.config import PARAMS_FILE, load_params
@@ -99,9 +99,9 @@ def main() -> None:
         run_id = run.info.run_id
         if state is None:
             tracking.log_params(params)
-            tracking.log_provenance(params)
-            tracking.log_dataset(train, "train", paths.prepared / "train", "training")
-            tracking.log_dataset(
+            provenance.log_provenance(params)
+            provenance.log_dataset(train, "train", paths.prepared / "train", "training")
+            provenance.log_dataset(
                 validation, "validation", paths.prepared / "validation", "validation"
             )
         else:

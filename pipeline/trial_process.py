@@ -31,7 +31,6 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import optuna
-from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.config import Params, TuneParams
@@ -139,7 +138,7 @@ def train_trial(job: TrialJob, results: Connection, answers: Connection) -> None
         outcome = _train(job, results, heard)
     except PipelineError as error:  # bad data or params: one line for the user
         outcome = TrialOutcome("bad_input", reason=str(error))
-    except MlflowException as error:  # the tracking server stayed away past its retries
+    except tracking.TrackingError as error:  # the tracking server stayed away past its retries
         reason = f"MLflow at {job.tracking_uri}: {str(error).strip().splitlines()[0][:300]}"
         outcome = TrialOutcome("tracking_lost", reason=reason)
     except Exception:  # a bug: the worker fails the trial and shows this traceback

@@ -23,7 +23,6 @@ from typing import Any
 import matplotlib
 import optuna
 import yaml
-from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.atomic import write_text
@@ -104,7 +103,7 @@ class Objective:
         self.number, self.unstored_run_id = trial.number, None
         try:
             return self.run(trial)
-        except MlflowException as error:
+        except tracking.TrackingError as error:
             raise TrackingUnavailable(
                 f"MLflow tracking store {tracking.tracking_uri()} failed past its retries "
                 f"(about tune.connect_seconds = {self.params.tune.connect_seconds} s): "
