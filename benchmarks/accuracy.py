@@ -110,12 +110,12 @@ def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> d
     if side in BASELINES:
         train_baseline(side, params, train, Scorer())
     else:
-        from pipeline.fit import compile_model, fit, seed_everything, steps_per_epoch
+        from pipeline.fit import fit, prepared_model
         from pipeline.model import build_model
 
-        seed_everything(params.train)
-        model = build_model(params.model, params.train.precision)
-        compile_model(model, params.train, steps_per_epoch(len(train), params.train))
+        model = prepared_model(
+            lambda: build_model(params.model, params.train.precision), params, len(train)
+        )
         fit(model, train, validation, params.train, callbacks=[Scorer()], verbose=0)
     return {
         "side": side,

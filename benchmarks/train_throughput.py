@@ -52,13 +52,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
 
     from pipeline.config import load_params, shorter_run, with_values
     from pipeline.dataset import load_split
-    from pipeline.fit import (
-        compile_model,
-        fit,
-        one_hot_labels,
-        seed_everything,
-        steps_per_epoch,
-    )
+    from pipeline.fit import fit, one_hot_labels, prepared_model
     from pipeline.model import build_model
     from pipeline.params_edit import load_recipe
 
@@ -71,9 +65,9 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
     params = with_values(params, values)
     train = load_split(params.paths.prepared, "train")
     validation = load_split(params.paths.prepared, "validation")
-    seed_everything(params.train)
-    model = build_model(params.model, params.train.precision)
-    compile_model(model, params.train, steps_per_epoch(len(train), params.train))
+    model = prepared_model(
+        lambda: build_model(params.model, params.train.precision), params, len(train)
+    )
 
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self) -> None:

@@ -155,14 +155,7 @@ def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> Tr
     # sweep worker imports this module only to start trials, and so runs without TensorFlow.
     import keras
 
-    from pipeline.fit import (
-        TrainingDiverged,
-        compile_model,
-        distribution_strategy,
-        fit,
-        seed_everything,
-        steps_per_epoch,
-    )
+    from pipeline.fit import TrainingDiverged, fit, prepared_model
     from pipeline.model import build_model
 
     os.chdir(job.cwd)
@@ -170,10 +163,9 @@ def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> Tr
     params = job.params
     train = trial_subset(load_split(params.paths.prepared, "train"), params.tune)
     validation = load_split(params.paths.prepared, "validation")
-    seed_everything(params.train)
-    with distribution_strategy(params.train).scope():
-        model = build_model(params.model, params.train.precision)
-        compile_model(model, params.train, steps_per_epoch(len(train), params.train))
+    model = prepared_model(
+        lambda: build_model(params.model, params.train.precision), params, len(train)
+    )
     started = time.perf_counter()
 
     def outcome(state: Any, value: float | None = None, reason: str = "") -> TrialOutcome:

@@ -16,6 +16,7 @@ from pipeline.fit import (
     compile_model,
     fit,
     input_pipeline,
+    prepared_model,
     seed_everything,
     steps_per_epoch,
 )
@@ -92,9 +93,7 @@ def test_fit_records_every_epoch_with_the_learning_rate(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
     params = small(params_dict, epochs=3)
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     history = fit(model, *tiny_splits, params.train, verbose=0)
     assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"}
     assert all(len(values) == 3 for values in history.values())
@@ -110,9 +109,7 @@ def test_same_seed_with_determinism_gives_the_same_metrics(
     params = small(params_dict, deterministic=True)
 
     def train_once() -> dict[str, list[float]]:
-        seed_everything(params.train)
-        model = build_model(params.model)
-        compile_model(model, params.train, steps_per_epoch(160, params.train))
+        model = prepared_model(lambda: build_model(params.model), params, 160)
         return fit(model, *tiny_splits, params.train, verbose=0)
 
     assert train_once() == train_once()
@@ -123,9 +120,7 @@ def test_a_nan_loss_stops_training_with_a_clear_error(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
     params = small(params_dict, learning_rate=1e9, epochs=5)
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     with pytest.raises(TrainingDiverged, match=r"the training loss became (nan|inf) in epoch 1"):
         fit(model, *tiny_splits, params.train, verbose=0)
 
@@ -199,9 +194,7 @@ def test_the_model_keeps_its_best_or_its_last_epoch(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split], restore_best: bool
 ) -> None:
     params = small(params_dict, epochs=6, learning_rate=0.05, restore_best=restore_best)
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     history = fit(model, *tiny_splits, params.train, verbose=0)
     _, validation = tiny_splits
     accuracy = float(
@@ -309,9 +302,7 @@ def test_label_smoothing_trains_on_softened_one_hot_targets(
 
     batch = next(iter(input_pipeline(tiny_splits[0], 16, one_hot=True)))[1].numpy()
     assert batch.shape == (16, 10) and np.array_equal(batch.argmax(1), tiny_splits[0].labels[:16])
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     history = fit(model, *tiny_splits, params.train, verbose=0)
     validation = tiny_splits[1]  # "accuracy" is still the share of right answers
     predicted = model.predict(validation.images, verbose=0).argmax(axis=1)
