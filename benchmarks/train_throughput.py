@@ -5,7 +5,7 @@ arrays (run `dvc repro preprocess` first), one after the other, each in its own 
 
 - `plain`: `model.fit(x, y, batch_size=..., shuffle=True, validation_data=...)` in float32, the
   way the seed's example trains.
-- `pipeline_float32`: what `python -m pipeline.train` runs (`pipeline.fit.fit` with the
+- `pipeline_float32`: what `python -m pipeline.train` runs (`pipeline.training_loop.fit` with the
   MLflow epoch logger into a throwaway store and the per-epoch checkpoint), in float32: the
   input pipeline's own effect.
 - `pipeline`: the same with the recipe's precision (bfloat16 for `best` and `fast`): what the
@@ -51,10 +51,10 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
     import numpy as np
 
     from pipeline.config import load_params, shorter_run, with_values
-    from pipeline.dataset import load_split
-    from pipeline.fit import fit, one_hot_labels, prepared_model
     from pipeline.model import build_model
     from pipeline.params_edit import load_recipe
+    from pipeline.splits import load_split
+    from pipeline.training_loop import fit, one_hot_labels, prepared_model
 
     params = load_params()
     if recipe:
@@ -97,7 +97,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
 
         from pipeline import tracking
         from pipeline.checkpoint import EpochCheckpoint
-        from pipeline.fit import BestWeights
+        from pipeline.training_loop import BestWeights
 
         class Timed(keras.callbacks.Callback):
             """Times the tracking callbacks (MLflow logging + checkpoint) inside each epoch."""

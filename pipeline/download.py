@@ -18,11 +18,11 @@ import requests
 import tenacity
 from tqdm import tqdm
 
+from pipeline.backoff import retrying
 from pipeline.cifar import PYTHON_DIR, PYTHON_MEMBER_MD5, UnsafeArchiveError, member_md5s
 from pipeline.config import DataParams, load_params
 from pipeline.errors import PipelineError
-from pipeline.retry import retrying
-from pipeline.stage import run_stage, stop_point
+from pipeline.stage_runner import run_stage, stop_point
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from sklearn.metrics import classification_report, confusion_matrix
 from pipeline import provenance, registry, tracking
 from pipeline.atomic import replacing, write_json, write_text
 from pipeline.config import PARAMS_FILE, load_params
-from pipeline.dataset import Split, load_class_names, load_split
 from pipeline.errors import PipelineError
-from pipeline.fit import EVAL_BATCH_SIZE, input_pipeline
 from pipeline.model import load_model
-from pipeline.stage import run_stage
+from pipeline.splits import Split, load_class_names, load_split
+from pipeline.stage_runner import run_stage
+from pipeline.training_loop import EVAL_BATCH_SIZE, input_pipeline
 
 log = logging.getLogger(__name__)
 

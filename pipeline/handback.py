@@ -21,7 +21,7 @@ import yaml
 from pipeline.config import PARAMS_FILE, TuneParams, load_params, redacted, storage_url
 from pipeline.errors import PipelineError
 from pipeline.params_edit import rounded, update_params_file
-from pipeline.stage import run_stage
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 

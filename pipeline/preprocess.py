@@ -17,8 +17,8 @@ import numpy as np
 from pipeline.atomic import replacing, write_json
 from pipeline.cifar import Cifar10, load_cifar10
 from pipeline.config import PreprocessParams, load_params
-from pipeline.dataset import CLASSES_FILE, SPLITS, Split, split_dir, stratified_split
-from pipeline.stage import run_stage
+from pipeline.splits import CLASSES_FILE, SPLITS, Split, split_dir, stratified_split
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 

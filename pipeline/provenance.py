@@ -12,7 +12,7 @@ import yaml
 from mlflow.data.numpy_dataset import from_numpy
 
 from pipeline.config import Params
-from pipeline.dataset import Split
+from pipeline.splits import Split
 
 DVC_LOCK = Path("dvc.lock")
 

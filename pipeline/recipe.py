@@ -14,7 +14,7 @@ import logging
 
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.params_edit import RECIPES_DIR, load_recipe, update_params_file
-from pipeline.stage import run_stage
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pipeline import provenance, tracking
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.errors import PipelineError
 from pipeline.params_edit import update_params_file
-from pipeline.stage import run_stage
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import sqlalchemy
 import tenacity
 
 from pipeline import tracking
+from pipeline.backoff import retrying
 from pipeline.config import (
     STORAGE_ENV,
     Params,
@@ -28,8 +29,7 @@ from pipeline.config import (
     storage_url,
 )
 from pipeline.errors import PipelineError, error_line
-from pipeline.retry import retrying
-from pipeline.stage import pause
+from pipeline.stage_runner import pause
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
+from pipeline.backoff import retrying
 from pipeline.config import Params
 from pipeline.errors import PipelineError, error_line
-from pipeline.retry import retrying
 
 if TYPE_CHECKING:
     import keras
@@ -104,8 +104,9 @@ def tracked_run(
     MLflow samples the machine's CPU, memory and disk use into it while it is open.
 
     FINISHED on success or on an exception in `finished_on` (a pruned trial is not a failure),
-    KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from stage.stop_point), FAILED on any other
-    exception. No run is left RUNNING. With `parent_run_id`, the run is nested under it.
+    KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from stage_runner.stop_point), FAILED on
+    any other exception. No run is left RUNNING. With `parent_run_id`, the run is nested under
+    it.
     """
     experiment_id = use_experiment(experiment)
     with mlflow.start_run(
@@ -260,7 +261,7 @@ def log_params(params: Params) -> None:
 
 def log_epoch(epoch: int, logs: Mapping[str, float], run_id: str | None = None) -> None:
     """One epoch's metrics, at step = epoch number (1-based), to `run_id` or the active run.
-    Nothing when `logs` is empty, as after a diverged epoch (see fit.EpochRecorder)."""
+    Nothing when `logs` is empty, as after a diverged epoch (see training_loop.EpochRecorder)."""
     metrics = {key: float(value) for key, value in logs.items()}
     if not metrics:
         return

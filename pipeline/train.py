@@ -19,10 +19,10 @@ from pipeline import provenance, tracking
 from pipeline.atomic import write_json, write_text
 from pipeline.checkpoint import EpochCheckpoint, load_checkpoint, resume_best, run_fingerprint
 from pipeline.config import PARAMS_FILE, load_params
-from pipeline.dataset import load_split
-from pipeline.fit import HISTORY_KEYS, History, fit, prepared_model
 from pipeline.model import load_model, portable, save_model
-from pipeline.stage import run_stage
+from pipeline.splits import load_split
+from pipeline.stage_runner import run_stage
+from pipeline.training_loop import HISTORY_KEYS, History, fit, prepared_model
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ import optuna
 
 from pipeline import tracking
 from pipeline.config import Params, TuneParams
-from pipeline.dataset import Split, load_split, stratified_split
 from pipeline.errors import PipelineError
-from pipeline.stage import configure_logging, stop_point
+from pipeline.splits import Split, load_split, stratified_split
+from pipeline.stage_runner import configure_logging, stop_point
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,8 @@ def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> Tr
     # sweep worker imports this module only to start trials, and so runs without TensorFlow.
     import keras
 
-    from pipeline.fit import TrainingDiverged, fit, prepared_model
     from pipeline.model import build_model
+    from pipeline.training_loop import TrainingDiverged, fit, prepared_model
 
     os.chdir(job.cwd)
     tracking.use_tracking_uri(job.tracking_uri)
@@ -199,7 +199,7 @@ def trial_processes() -> Any:
     process of the job (Slurm's) must not take it away while the worker hands its trial back.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.fit", "pipeline.model", __name__])
+    context.set_forkserver_preload(["pipeline.training_loop", "pipeline.model", __name__])
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited across exec
     try:
         multiprocessing.forkserver.ensure_running()

@@ -34,10 +34,10 @@ from pipeline.config import (
     trial_values,
     with_values,
 )
-from pipeline.dataset import split_files
 from pipeline.errors import PipelineError, error_line
 from pipeline.params_edit import rounded
-from pipeline.stage import run_stage, stop_point
+from pipeline.splits import split_files
+from pipeline.stage_runner import run_stage, stop_point
 from pipeline.study import (
     Retry,
     Storage,

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import AugmentParams, params_from_dict, set_dotted
-from pipeline.dataset import Split
-from pipeline.fit import (
+from pipeline.model import build_model, summary_text
+from pipeline.params_edit import load_recipe
+from pipeline.splits import Split
+from pipeline.training_loop import (
     TrainingDiverged,
     augment_batch,
     compile_model,
@@ -20,8 +22,6 @@ from pipeline.fit import (
     seed_everything,
     steps_per_epoch,
 )
-from pipeline.model import build_model, summary_text
-from pipeline.params_edit import load_recipe
 from tests.helpers import ROOT, make_tiny_cifar
 
 
@@ -224,7 +224,7 @@ def reference_rate(schedule: str, step: int, peak: float, spe: int, total: int) 
 def test_each_schedule_sets_the_rate_its_formula_gives_at_every_step(
     params_dict: dict[str, Any], schedule: str
 ) -> None:
-    from pipeline.fit import learning_rate
+    from pipeline.training_loop import learning_rate
 
     params = small(
         params_dict, schedule=schedule, epochs=8, learning_rate=0.2, warmup_epochs=2,
@@ -260,7 +260,7 @@ def test_a_base_batch_size_scales_the_learning_rate_linearly(params_dict: dict[s
     assert small(params_dict, batch_size=256).train.peak_learning_rate == 0.01
     scaled = small(params_dict, batch_size=256, learning_rate=0.02, base_batch_size=64)
     assert scaled.train.peak_learning_rate == pytest.approx(0.08)
-    from pipeline.fit import learning_rate
+    from pipeline.training_loop import learning_rate
 
     assert float(learning_rate(scaled.train, 10)(0)) == pytest.approx(0.08)
 
@@ -290,7 +290,7 @@ def test_weight_decay_shrinks_each_weight_by_lr_times_decay_per_step(
 def test_label_smoothing_trains_on_softened_one_hot_targets(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
-    from pipeline.fit import make_loss
+    from pipeline.training_loop import make_loss
 
     params = small(params_dict, label_smoothing=0.1)
     probabilities = np.array([[0.7, 0.2, 0.1] + [0.0] * 7], dtype=np.float32) + 1e-4

@@ -11,8 +11,8 @@ import pytest
 
 import pipeline.preprocess as preprocess_module
 from pipeline.config import params_from_dict
-from pipeline.dataset import load_class_names, load_split, stratified_split
 from pipeline.errors import PipelineError
+from pipeline.splits import load_class_names, load_split, stratified_split
 from tests.helpers import TinyCifar, run, sha256_of, shrink, write_params
 
 

@@ -144,7 +144,7 @@ def test_evaluation_figures_from_probabilities() -> None:
 STOPPING_STAGE = """
 import os, signal, threading, time
 from pipeline import registry, tracking
-from pipeline.stage import run_stage, stop_point
+from pipeline.stage_runner import run_stage, stop_point
 
 def stage():
     with tracking.tracked_run("stops") as run:

@@ -18,10 +18,10 @@ import tensorflow as tf
 from keras import ops
 
 from pipeline.config import AugmentParams, Params, TrainParams
-from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.model import NUM_CLASSES, with_precision
-from pipeline.stage import stop_point
+from pipeline.splits import Split
+from pipeline.stage_runner import stop_point
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,8 @@ class EpochRecorder(keras.callbacks.Callback):
 
 
 class StopWhenAsked(keras.callbacks.Callback):
-    """Takes a stop asked for by Ctrl-C or SIGTERM (see stage.stop_point) between two batches,
-    where no MLflow write or checkpoint is under way."""
+    """Takes a stop asked for by Ctrl-C or SIGTERM (see stage_runner.stop_point) between two
+    batches, where no MLflow write or checkpoint is under way."""
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         stop_point()
