@@ -109,8 +109,6 @@ def reproduce(run_id: str) -> dict[str, Any]:
     changes = changed_values(dict(run.data.params), params.flat())
     if changes:
         update_params_file(PARAMS_FILE, changes)  # validated whole first; untouched on error
-    for key, value in changes.items():
-        log.info("params.yaml: %s = %r", key, value)
     log.info(
         "%s: %d keys moved to MLflow run %s (%s)%s",
         PARAMS_FILE, len(changes), run_id, run.info.run_name,
