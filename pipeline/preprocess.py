@@ -69,18 +69,20 @@ def write_split(split: Split, final: Path) -> None:
         np.save(staging / "labels.npy", split.labels, allow_pickle=False)
 
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+def channel_stats(
+    images: np.ndarray, chunk_images: int = STATS_CHUNK
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of the pixels scaled to [0, 1].
 
     Sums run down each of an image's 3,072 values (a contiguous row, so NumPy vectorises them)
-    and then fold into the three channels; squares are taken STATS_CHUNK images at a time, as
+    and then fold into the three channels; squares are taken `chunk_images` images at a time, as
     uint16 (255 ** 2 fits).
     """
     rows = images.reshape(len(images), -1)  # R, G, B interleaved
     total = rows.sum(axis=0, dtype=np.uint64)
     squares = np.zeros(rows.shape[1], dtype=np.uint64)
-    for start in range(0, len(rows), STATS_CHUNK):
-        chunk = rows[start : start + STATS_CHUNK].astype(np.uint16)
+    for start in range(0, len(rows), chunk_images):
+        chunk = rows[start : start + chunk_images].astype(np.uint16)
         squares += np.multiply(chunk, chunk, out=chunk).sum(axis=0, dtype=np.uint64)
     count = max(len(images), 1) * 32 * 32 * 255.0  # per channel, scaled to [0, 1]
     mean = total.reshape(-1, 3).sum(axis=0) / count
