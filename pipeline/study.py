@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -37,6 +36,11 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CANDIDATE_TAG = "optuna.parent_candidate"  # on every worker's candidate for the parent run
 MAX_RETRIES = 3  # times a failed trial's values are queued again
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# The storage calls that are safe to repeat: reads, heartbeats, reported values, attributes.
+IDEMPOTENT_CALLS = (
+    "get_study_id_from_name", "get_trial", "get_all_trials", "record_heartbeat",
+    "set_trial_intermediate_value", "set_trial_user_attr",
+)  # fmt: skip
 
 
 def make_sampler(params: TuneParams) -> optuna.samplers.BaseSampler:
@@ -114,34 +118,15 @@ class Storage(optuna.storages.RDBStorage):
             sqlalchemy.event.listen(
                 self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
             )
-        self.retrying = retrying(
+        retried = retrying(
             f"Optuna storage {redacted(url)}",
             retry=tenacity.retry_if_exception_type(optuna.exceptions.StorageInternalError),
             stop=tenacity.stop_after_delay(retry_seconds),
             first_wait=0.5,
             max_wait=10,
         )
-
-    def _retried(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.retrying.copy()(call, *args, **kwargs)
-
-    def get_study_id_from_name(self, study_name: str) -> int:
-        return int(self._retried(super().get_study_id_from_name, study_name))
-
-    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        return self._retried(super().get_trial, trial_id)
-
-    def get_all_trials(self, *args: Any, **kwargs: Any) -> list[optuna.trial.FrozenTrial]:
-        return self._retried(super().get_all_trials, *args, **kwargs)
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self._retried(super().record_heartbeat, trial_id)
-
-    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
-        self._retried(super().set_trial_intermediate_value, trial_id, step, value)
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._retried(super().set_trial_user_attr, trial_id, key, value)
+        for name in IDEMPOTENT_CALLS:  # each call gets its own attempts and clock
+            setattr(self, name, retried.wraps(getattr(self, name)))
 
 
 def make_storage(params: TuneParams) -> Storage:

@@ -86,6 +86,13 @@ class TrackingUnavailable(PipelineError):
     """The MLflow tracking store refused or dropped this worker's writes past their retries."""
 
 
+# A trial process's failure: lost tracking fails the trial, which is retried while the worker
+# goes on; bad params or data stop the worker with their message; a bug, with its traceback.
+FAILURES: dict[str, type[Exception]] = {
+    "tracking_lost": TrialFailed, "bad_input": PipelineError, "crashed": RuntimeError,
+}  # fmt: skip
+
+
 class Objective:
     """One trial: its values, its MLflow run, and its training in a process of its own.
 
@@ -154,14 +161,9 @@ class Objective:
                 tags = {"optuna.state": "PRUNED", "optuna.pruned_reason": outcome.reason}
                 tracking.set_tags(tags)
                 raise optuna.TrialPruned(outcome.reason)
-            if outcome.state == "tracking_lost":
-                self.fail(trial, outcome.reason)
-                raise TrialFailed(f"trial {trial.number}: {outcome.reason}")
             if outcome.state != "complete" or outcome.value is None:
                 self.fail(trial, outcome.reason.strip().splitlines()[-1])
-                if outcome.state == "bad_input":
-                    raise PipelineError(outcome.reason)
-                raise RuntimeError(f"trial {trial.number} failed in its process:\n{outcome.reason}")
+                raise FAILURES[outcome.state](f"trial {trial.number}: {outcome.reason}")
             tracking.set_tags({"optuna.state": "COMPLETE"})
             tracking.log_summary({"objective_val_accuracy": outcome.value})
         if self.params.tune.multi_objective:
@@ -398,10 +400,8 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
 def requeue(study: optuna.Study, number: int | None, n_trials: int) -> None:
     """The trial this worker held when it had to stop: Optuna failed it; queue it again for
     whichever worker is free next."""
-    if number is None:
-        return
-    for trial in study.get_trials(deepcopy=False):
-        if trial.number == number and trial.state == optuna.trial.TrialState.FAIL:
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        if trial.number == number:
             Retry(n_trials)(study, trial)
             log.info("trial %d failed as this worker stopped; queued again", number)
 
@@ -420,22 +420,15 @@ def sweep(params: Params) -> dict[str, Any]:
     study, storage = open_study(tune)
     parent_run_id = shared_parent_run(study, params)
     with tracking.tracked_run(params.mlflow.experiment, run_id=parent_run_id):
-        if not is_full(study, tune.n_trials):
-            log.info(
-                "study %r has %d of %d trials; running trials",
-                study.study_name,
-                finished_trials(study),
-                tune.n_trials,
-            )
+        full = is_full(study, tune.n_trials)
+        log.info(
+            "study %r has %d of %d trials; %s", study.study_name, finished_trials(study),
+            tune.n_trials, "nothing to run" if full else "running trials",
+        )  # fmt: skip
+        if not full:
             for split in ("train", "validation"):  # before any trial: one clear error
                 split_files(params.paths.prepared, split)
             run_trials(study, storage, params, parent_run_id)
-        else:
-            log.info(
-                "study %r already has %d trials; nothing to run",
-                study.study_name,
-                finished_trials(study),
-            )
         settle(study, params, parent_run_id)
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise PipelineError(

@@ -138,7 +138,7 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
         (project / "params.yaml").write_text(original)
     direct = run(["python", "-m", "pipeline.tune"], project, **env)
     assert direct.returncode == 0, direct.stderr
-    assert "already has 3 trials; nothing to run" in direct.stderr
+    assert "has 3 of 3 trials; nothing to run" in direct.stderr
     assert len(load(project).trials) == 3
 
     # n_trials is the total: raising it to 4 runs one more trial, under the same parent run.
