@@ -21,7 +21,7 @@ large float32 and a large bfloat16 matrix product timed in the same run.
 
     python benchmarks/train_throughput.py --recipe best --epochs 5
 
-Writes benchmarks/results/train_throughput.json.
+Writes benchmarks/results/train_throughput.json (or --name).
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="best", help="recipes/NAME (its model and optimiser)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--name", default="train_throughput", help="results/<name>.json")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -245,7 +246,7 @@ def main() -> None:
         "goals": {"throughput_ratio_at_least": 2.0, "tracking_share_of_epoch_below": 0.01},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 
