@@ -21,7 +21,8 @@ from pipeline.config import params_from_dict
 from pipeline.handback import apply_best
 from pipeline.params_edit import update_params_file
 from pipeline.study import queue_starting_points
-from pipeline.tune import suggest, sweep_description
+from pipeline.sweep_report import sweep_description
+from pipeline.tune import suggest
 from tests.helpers import (
     ROOT,
     STUDY,
