@@ -1,8 +1,10 @@
 """The shared Optuna study of the `tune` stage: its storage, sampler and pruner, retries of
 failed trials, the study's one MLflow parent run, and the clean-up when a worker is done.
 
-Everything here uses Optuna's public API, so any number of workers, on any machines, can share
-one study (README: Scaling out).
+Called by the sweep worker (tune.py) only: it talks to the Optuna storage, and to MLflow (through
+tracking.py) to find or create the parent run and to end the runs of trials that died. Everything
+here uses Optuna's public API, so any number of workers, on any machines, can share one study
+(README: Scaling out).
 """
 
 from __future__ import annotations
