@@ -67,7 +67,7 @@ def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> d
     import numpy as np
 
     from pipeline.config import load_params, with_values
-    from pipeline.dataset import load_split
+    from pipeline.splits import load_split
 
     params = load_params()
     values = run_values(side, seed, epochs)
@@ -110,12 +110,12 @@ def train_one(side: str, seed: int, epochs: int | None, until_target: bool) -> d
     if side in BASELINES:
         train_baseline(side, params, train, Scorer())
     else:
-        from pipeline.fit import compile_model, fit, seed_everything, steps_per_epoch
         from pipeline.model import build_model
+        from pipeline.training_loop import fit, prepared_model
 
-        seed_everything(params.train)
-        model = build_model(params.model, params.train.precision)
-        compile_model(model, params.train, steps_per_epoch(len(train), params.train))
+        model = prepared_model(
+            lambda: build_model(params.model, params.train.precision), params, len(train)
+        )
         fit(model, train, validation, params.train, callbacks=[Scorer()], verbose=0)
     return {
         "side": side,

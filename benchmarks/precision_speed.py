@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.accuracy import machine  # noqa: E402
 from pipeline.config import load_params, with_values  # noqa: E402
-from pipeline.fit import compile_model  # noqa: E402
 from pipeline.model import build_model, native_bfloat16, with_precision  # noqa: E402
 from pipeline.params_edit import load_recipe  # noqa: E402
+from pipeline.training_loop import compile_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

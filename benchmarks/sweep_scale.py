@@ -69,7 +69,7 @@ def worker() -> None:
     import mlflow.utils.rest_utils as rest_utils
 
     from pipeline import tracking, tune
-    from pipeline.stage import run_stage
+    from pipeline.stage_runner import run_stage
     from pipeline.trial_process import Epoch, TrialJob, TrialOutcome
 
     requests = [0]

@@ -5,7 +5,7 @@ arrays (run `dvc repro preprocess` first), one after the other, each in its own 
 
 - `plain`: `model.fit(x, y, batch_size=..., shuffle=True, validation_data=...)` in float32, the
   way the seed's example trains.
-- `pipeline_float32`: what `python -m pipeline.train` runs (`pipeline.fit.fit` with the
+- `pipeline_float32`: what `python -m pipeline.train` runs (`pipeline.training_loop.fit` with the
   MLflow epoch logger into a throwaway store and the per-epoch checkpoint), in float32: the
   input pipeline's own effect.
 - `pipeline`: the same with the recipe's precision (bfloat16 for `best` and `fast`): what the
@@ -21,7 +21,7 @@ large float32 and a large bfloat16 matrix product timed in the same run.
 
     python benchmarks/train_throughput.py --recipe best --epochs 5
 
-Writes benchmarks/results/train_throughput.json.
+Writes benchmarks/results/train_throughput.json (or --name).
 """
 
 from __future__ import annotations
@@ -51,16 +51,10 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
     import numpy as np
 
     from pipeline.config import load_params, shorter_run, with_values
-    from pipeline.dataset import load_split
-    from pipeline.fit import (
-        compile_model,
-        fit,
-        one_hot_labels,
-        seed_everything,
-        steps_per_epoch,
-    )
     from pipeline.model import build_model
     from pipeline.params_edit import load_recipe
+    from pipeline.splits import load_split
+    from pipeline.training_loop import fit, one_hot_labels, prepared_model
 
     params = load_params()
     if recipe:
@@ -71,9 +65,9 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
     params = with_values(params, values)
     train = load_split(params.paths.prepared, "train")
     validation = load_split(params.paths.prepared, "validation")
-    seed_everything(params.train)
-    model = build_model(params.model, params.train.precision)
-    compile_model(model, params.train, steps_per_epoch(len(train), params.train))
+    model = prepared_model(
+        lambda: build_model(params.model, params.train.precision), params, len(train)
+    )
 
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self) -> None:
@@ -103,7 +97,7 @@ def run_side(side: str, recipe: str | None, epochs: int, batch_size: int) -> dic
 
         from pipeline import tracking
         from pipeline.checkpoint import EpochCheckpoint
-        from pipeline.fit import BestWeights
+        from pipeline.training_loop import BestWeights
 
         class Timed(keras.callbacks.Callback):
             """Times the tracking callbacks (MLflow logging + checkpoint) inside each epoch."""
@@ -207,6 +201,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="best", help="recipes/NAME (its model and optimiser)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--name", default="train_throughput", help="results/<name>.json")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,7 +246,7 @@ def main() -> None:
         "goals": {"throughput_ratio_at_least": 2.0, "tracking_share_of_epoch_below": 0.01},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -10,7 +10,7 @@ import logging
 from pipeline.atomic import write_text
 from pipeline.config import load_params
 from pipeline.model import build_model, save_model, summary_text
-from pipeline.stage import run_stage
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 

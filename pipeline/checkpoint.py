@@ -21,8 +21,8 @@ import keras
 from pipeline import tracking
 from pipeline.atomic import replacing, write_json
 from pipeline.config import Params
-from pipeline.fit import HISTORY_KEYS, BestWeights, History
 from pipeline.model import save_model
+from pipeline.training_loop import HISTORY_KEYS, BestWeights, History
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.best = best
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if not logs:  # a diverged epoch (see fit.EpochRecorder) is not worth keeping
+        if not logs:  # a diverged epoch (see training_loop.EpochRecorder) is not worth keeping
             return
         for key in HISTORY_KEYS:
             self.history.setdefault(key, []).append(float(logs[key]))

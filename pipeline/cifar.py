@@ -66,11 +66,11 @@ class Cifar10:
 # --- the tar stream ---------------------------------------------------------------------------
 
 
-def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
+def iter_members(path: Path, max_bytes: int = MAX_TAR_BYTES) -> Iterator[tuple[str, bytes]]:
     """Yields (path inside the archive, content) of each regular file, after safety checks.
 
-    After the last member the rest of the stream is inflated too (bounded), so that gzip has
-    checked its CRC and length.
+    After the last member the rest of the stream is inflated too, so that gzip has checked its
+    CRC and length. More than `max_bytes` inflated in all is refused (a decompression bomb).
     """
     if not path.is_file():
         raise UnsafeArchiveError(f"{path}: no such file")
@@ -90,10 +90,10 @@ def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
                 data = reader.read() if reader else b""
                 if len(data) != member.size:
                     raise EOFError(f"member {member.name!r} ends after the archive does")
-                inflated = _bounded(path, inflated + member.size)
+                inflated = _bounded(path, inflated + member.size, max_bytes)
                 yield name, data
             while chunk := stream.read(READ_CHUNK):  # padding after the tar's end
-                inflated = _bounded(path, inflated + len(chunk))
+                inflated = _bounded(path, inflated + len(chunk), max_bytes)
     except UnsafeArchiveError:
         raise
     except (tarfile.TarError, EOFError, OSError, INFLATE_ERROR) as error:
@@ -103,10 +103,10 @@ def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
         ) from None
 
 
-def _bounded(path: Path, inflated: int) -> int:
-    if inflated > MAX_TAR_BYTES:
+def _bounded(path: Path, inflated: int, max_bytes: int) -> int:
+    if inflated > max_bytes:
         raise UnsafeArchiveError(
-            f"{path}: inflates to more than {MAX_TAR_BYTES:,} bytes; CIFAR-10 inflates to 186 MB"
+            f"{path}: inflates to more than {max_bytes:,} bytes; CIFAR-10 inflates to 186 MB"
         )
     return inflated
 

@@ -18,7 +18,7 @@ import optuna_dashboard
 
 from pipeline.config import load_params, redacted, storage_url
 from pipeline.errors import PipelineError
-from pipeline.stage import configure_logging
+from pipeline.stage_runner import configure_logging
 
 log = logging.getLogger("pipeline.dashboard")
 

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,11 @@ import requests
 import tenacity
 from tqdm import tqdm
 
+from pipeline.backoff import retrying
 from pipeline.cifar import PYTHON_DIR, PYTHON_MEMBER_MD5, UnsafeArchiveError, member_md5s
 from pipeline.config import DataParams, load_params
 from pipeline.errors import PipelineError
-from pipeline.retry import retrying
-from pipeline.stage import run_stage, stop_point
+from pipeline.stage_runner import run_stage, stop_point
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,12 @@ def file_digests(path: Path) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def verify_archive(path: Path, pinned_sha256: str | None) -> Verified:
-    """Accepts the archive by its content; raises ChecksumError with expected versus found."""
+def verify_archive(
+    path: Path, pinned_sha256: str | None, members_md5: Mapping[str, str] = PYTHON_MEMBER_MD5
+) -> Verified:
+    """Accepts the archive by its content: the pinned SHA-256, the official archive's digest,
+    or the official members' MD5s (`members_md5`, by name in cifar-10-batches-py/).
+    Raises ChecksumError with expected versus found."""
     sha256, md5 = file_digests(path)
     if pinned_sha256 is not None:
         if sha256 != pinned_sha256:
@@ -237,7 +242,7 @@ def verify_archive(path: Path, pinned_sha256: str | None) -> Verified:
         found = member_md5s(path)
     except UnsafeArchiveError as error:
         raise ChecksumError(str(error)) from None
-    for name, expected in PYTHON_MEMBER_MD5.items():
+    for name, expected in members_md5.items():
         member = f"{PYTHON_DIR}/{name}"
         if found.get(member) != expected:
             raise ChecksumError(

@@ -20,14 +20,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from pipeline import tracking
+from pipeline import provenance, registry, tracking
 from pipeline.atomic import replacing, write_json, write_text
 from pipeline.config import PARAMS_FILE, load_params
-from pipeline.dataset import Split, load_class_names, load_split
 from pipeline.errors import PipelineError
-from pipeline.fit import EVAL_BATCH_SIZE, input_pipeline
 from pipeline.model import load_model
-from pipeline.stage import run_stage
+from pipeline.splits import Split, load_class_names, load_split
+from pipeline.stage_runner import run_stage
+from pipeline.training_loop import EVAL_BATCH_SIZE, input_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,14 @@ def main() -> None:
         draw_confusion(result.confusion, class_names, paths.plots / CONFUSION_PNG)
         draw_misclassified(test, result, class_names, paths.plots / MISCLASSIFIED_PNG)
 
-        tracking.log_dataset(test, "test", paths.prepared / "test", "test")
+        provenance.log_dataset(test, "test", paths.prepared / "test", "test")
         tracking.log_summary(flat_metrics(report))
         tables = [paths.test_metrics, paths.test_per_class, paths.confusion]
-        tracking.log_artifacts([*tables, PARAMS_FILE, tracking.DVC_LOCK])
+        tracking.log_artifacts([*tables, PARAMS_FILE, provenance.DVC_LOCK])
         tracking.log_artifacts(
             [paths.plots / CONFUSION_PNG, paths.plots / MISCLASSIFIED_PNG], "plots"
         )
-        tracking.log_and_register_model(
+        registry.log_and_register_model(
             model,
             example=test.images[:2],
             registered_model=params.mlflow.registered_model,

@@ -21,7 +21,7 @@ import yaml
 from pipeline.config import PARAMS_FILE, TuneParams, load_params, redacted, storage_url
 from pipeline.errors import PipelineError
 from pipeline.params_edit import rounded, update_params_file
-from pipeline.stage import run_stage
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def apply_values(params_file: Path, found: dict[str, Any], source: str) -> dict[
     if not values or not all(math.isfinite(number) for number in numbers):
         raise PipelineError(f"{source}: no usable values")
     values = {name: rounded(value) for name, value in values.items()}
-    update_params_file(params_file, values)
+    update_params_file(params_file, values)  # says what moved
     return values
 
 
@@ -82,8 +82,7 @@ def main() -> None:
     else:
         source = f"trial {number} of study {params.tune.study_name!r}"
         values = apply_values(PARAMS_FILE, stored_trial_values(params.tune, number), source)
-    for name, value in values.items():
-        log.info("params.yaml: %s = %s", name, value)
+    log.info("params.yaml holds the %d tuned values; `dvc repro` trains with them", len(values))
 
 
 if __name__ == "__main__":

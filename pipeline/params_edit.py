@@ -1,11 +1,13 @@
 """Changing params.yaml: dotted keys set in place with its comments kept, and named recipes.
 
-config.py reads and checks params.yaml; this module writes it (`make recipe`, `make handback`,
-`make reproduce`), checking the result with config.py before it replaces the file.
+config.py reads and checks params.yaml; update_params_file is the one writer (`make recipe`,
+`make handback`, `make reproduce`): it checks the result with config.py before it replaces the
+file, and says what moved.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from io import StringIO
 from pathlib import Path
@@ -15,7 +17,9 @@ import yaml
 from ruamel.yaml import YAML
 
 from pipeline.atomic import write_text
-from pipeline.config import ParamsError, params_from_dict, set_dotted
+from pipeline.config import ParamsError, flatten, params_from_dict, set_dotted
+
+log = logging.getLogger(__name__)
 
 RECIPES_DIR = Path("recipes")  # named sets of params.yaml values
 
@@ -26,8 +30,9 @@ def rounded(value: Any) -> Any:
     return float(f"{value:.3g}") if isinstance(value, float) else value
 
 
-def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
+def update_params_file(path: str | Path, values: Mapping[str, Any]) -> dict[str, Any]:
     """Sets dotted keys in params.yaml, keeping its comments and layout; validates first.
+    Logs each key whose value moved, with the old value, and returns them.
 
     Only the given values change: the file is edited as a round-trip document (ruamel.yaml),
     checked as a whole, and then replaced atomically.
@@ -44,7 +49,12 @@ def update_params_file(path: str | Path, values: Mapping[str, Any]) -> None:
     text = StringIO()
     editor.dump(document, text)
     params_from_dict(yaml.safe_load(text.getvalue()), source=str(path))  # refuse a bad result
+    before = flatten(yaml.safe_load(path.read_text()) or {})
     write_text(text.getvalue(), path)
+    moved = {key: value for key, value in values.items() if before.get(key) != value}
+    for key, value in moved.items():
+        log.info("%s: %s = %r (was %r)", path, key, value, before.get(key))
+    return moved
 
 
 def load_recipe(name: str) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import numpy as np
 from pipeline.atomic import replacing, write_json
 from pipeline.cifar import Cifar10, load_cifar10
 from pipeline.config import PreprocessParams, load_params
-from pipeline.dataset import CLASSES_FILE, SPLITS, Split, split_dir, stratified_split
-from pipeline.stage import run_stage
+from pipeline.splits import CLASSES_FILE, SPLITS, Split, split_dir, stratified_split
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,20 @@ def write_split(split: Split, final: Path) -> None:
         np.save(staging / "labels.npy", split.labels, allow_pickle=False)
 
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+def channel_stats(
+    images: np.ndarray, chunk_images: int = STATS_CHUNK
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of the pixels scaled to [0, 1].
 
     Sums run down each of an image's 3,072 values (a contiguous row, so NumPy vectorises them)
-    and then fold into the three channels; squares are taken STATS_CHUNK images at a time, as
+    and then fold into the three channels; squares are taken `chunk_images` images at a time, as
     uint16 (255 ** 2 fits).
     """
     rows = images.reshape(len(images), -1)  # R, G, B interleaved
     total = rows.sum(axis=0, dtype=np.uint64)
     squares = np.zeros(rows.shape[1], dtype=np.uint64)
-    for start in range(0, len(rows), STATS_CHUNK):
-        chunk = rows[start : start + STATS_CHUNK].astype(np.uint16)
+    for start in range(0, len(rows), chunk_images):
+        chunk = rows[start : start + chunk_images].astype(np.uint16)
         squares += np.multiply(chunk, chunk, out=chunk).sum(axis=0, dtype=np.uint64)
     count = max(len(images), 1) * 32 * 32 * 255.0  # per channel, scaled to [0, 1]
     mean = total.reshape(-1, 3).sum(axis=0) / count

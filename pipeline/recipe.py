@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.config import PARAMS_FILE, load_params
+from pipeline.config import PARAMS_FILE
 from pipeline.params_edit import RECIPES_DIR, load_recipe, update_params_file
-from pipeline.stage import run_stage
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,11 @@ def main() -> None:
             print(f"{path.stem:<8} {summary(path.stem)}")
         return
     values = load_recipe(args.name)
-    current = load_params().flat()
-    update_params_file(PARAMS_FILE, values)
-    for key, value in values.items():
-        if current.get(key) != value:
-            log.info("params.yaml: %s = %r (was %r)", key, value, current.get(key))
-    log.info("applied recipe %s: %d values; `dvc repro` trains with it", args.name, len(values))
+    moved = update_params_file(PARAMS_FILE, values)
+    log.info(
+        "applied recipe %s: %d of its %d values moved; `dvc repro` trains with it",
+        args.name, len(moved), len(values),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from pipeline import tracking
+from pipeline import provenance, tracking
 from pipeline.config import PARAMS_FILE, load_params
 from pipeline.errors import PipelineError
 from pipeline.params_edit import update_params_file
-from pipeline.stage import run_stage
+from pipeline.stage_runner import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def refuse_sweep_runs(run_id: str, tags: dict[str, str]) -> None:
 def provenance_report(tags: dict[str, str], lock_hashes: dict[str, str], paths: Any) -> list[str]:
     """Lines saying whether the run's commit and data hashes match the workspace."""
     lines = []
-    commit, workspace = tags.get("git.commit", "unknown"), tracking.git_state()
+    commit, workspace = tags.get("git.commit", "unknown"), provenance.git_state()
     if commit == "unknown":
         lines.append("code: the run recorded no git commit")
     elif commit != workspace["git.commit"]:
@@ -109,14 +109,12 @@ def reproduce(run_id: str) -> dict[str, Any]:
     changes = changed_values(dict(run.data.params), params.flat())
     if changes:
         update_params_file(PARAMS_FILE, changes)  # validated whole first; untouched on error
-    for key, value in changes.items():
-        log.info("params.yaml: %s = %r", key, value)
     log.info(
         "%s: %d keys moved to MLflow run %s (%s)%s",
         PARAMS_FILE, len(changes), run_id, run.info.run_name,
         "; `dvc repro` re-creates it" if changes else "; they already match",
     )  # fmt: skip
-    for line in provenance_report(tags, tracking.dvc_hashes(), params.paths):
+    for line in provenance_report(tags, provenance.dvc_hashes(), params.paths):
         log.info("%s", line)
     return changes
 

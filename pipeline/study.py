@@ -1,8 +1,10 @@
 """The shared Optuna study of the `tune` stage: its storage, sampler and pruner, retries of
 failed trials, the study's one MLflow parent run, and the clean-up when a worker is done.
 
-Everything here uses Optuna's public API, so any number of workers, on any machines, can share
-one study (README: Scaling out).
+Called by the sweep worker (tune.py) only: it talks to the Optuna storage, and to MLflow (through
+tracking.py) to find or create the parent run and to end the runs of trials that died. Everything
+here uses Optuna's public API, so any number of workers, on any machines, can share one study
+(README: Scaling out).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -18,6 +19,7 @@ import sqlalchemy
 import tenacity
 
 from pipeline import tracking
+from pipeline.backoff import retrying
 from pipeline.config import (
     STORAGE_ENV,
     Params,
@@ -28,8 +30,7 @@ from pipeline.config import (
     storage_url,
 )
 from pipeline.errors import PipelineError, error_line
-from pipeline.retry import retrying
-from pipeline.stage import pause
+from pipeline.stage_runner import pause
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CANDIDATE_TAG = "optuna.parent_candidate"  # on every worker's candidate for the parent run
 MAX_RETRIES = 3  # times a failed trial's values are queued again
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# The storage calls that are safe to repeat: reads, heartbeats, reported values, attributes.
+IDEMPOTENT_CALLS = (
+    "get_study_id_from_name", "get_trial", "get_all_trials", "record_heartbeat",
+    "set_trial_intermediate_value", "set_trial_user_attr",
+)  # fmt: skip
 
 
 def make_sampler(params: TuneParams) -> optuna.samplers.BaseSampler:
@@ -114,34 +120,15 @@ class Storage(optuna.storages.RDBStorage):
             sqlalchemy.event.listen(
                 self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
             )
-        self.retrying = retrying(
+        retried = retrying(
             f"Optuna storage {redacted(url)}",
             retry=tenacity.retry_if_exception_type(optuna.exceptions.StorageInternalError),
             stop=tenacity.stop_after_delay(retry_seconds),
             first_wait=0.5,
             max_wait=10,
         )
-
-    def _retried(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.retrying.copy()(call, *args, **kwargs)
-
-    def get_study_id_from_name(self, study_name: str) -> int:
-        return int(self._retried(super().get_study_id_from_name, study_name))
-
-    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        return self._retried(super().get_trial, trial_id)
-
-    def get_all_trials(self, *args: Any, **kwargs: Any) -> list[optuna.trial.FrozenTrial]:
-        return self._retried(super().get_all_trials, *args, **kwargs)
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self._retried(super().record_heartbeat, trial_id)
-
-    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
-        self._retried(super().set_trial_intermediate_value, trial_id, step, value)
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._retried(super().set_trial_user_attr, trial_id, key, value)
+        for name in IDEMPOTENT_CALLS:  # each call gets its own attempts and clock
+            setattr(self, name, retried.wraps(getattr(self, name)))
 
 
 def make_storage(params: TuneParams) -> Storage:

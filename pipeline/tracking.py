@@ -1,4 +1,7 @@
-"""The one module that talks to MLflow: runs, params, metrics, tags, datasets, models, registry.
+"""MLflow runs: the store, a run's life, params, per-epoch metrics, tags, and the sweep's runs.
+
+With provenance.py (git and DVC hashes) and registry.py (the model and its alias), the only
+modules that import mlflow.
 
 Store: MLFLOW_TRACKING_URI when set; otherwise MLflow's own default layout in the project root
 (`mlflow.db`, artifacts in `mlruns/`), so `mlflow ui` started there shows the runs. The project
@@ -9,44 +12,34 @@ the repository's store, not the copy's), or the working directory outside DVC.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import math
 import os
-import subprocess
 import time
-import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-import numpy as np
 import requests
 import tenacity
-import yaml
 from mlflow import MlflowClient
-from mlflow.data.numpy_dataset import from_numpy
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types.schema import Schema, TensorSpec
 
+from pipeline.backoff import retrying
 from pipeline.config import Params
-from pipeline.dataset import Split
 from pipeline.errors import PipelineError, error_line
-from pipeline.retry import retrying
 
 if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger(__name__)
 
-DVC_LOCK = Path("dvc.lock")
-MODEL_ARTIFACT = "model"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # as MLflow's UI reads it
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# What a tracking call raises when the store refuses or drops it past MLflow's own retries.
+TrackingError = MlflowException
 
 
 def project_root() -> Path:
@@ -111,11 +104,12 @@ def tracked_run(
     MLflow samples the machine's CPU, memory and disk use into it while it is open.
 
     FINISHED on success or on an exception in `finished_on` (a pruned trial is not a failure),
-    KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from stage.stop_point), FAILED on any other
-    exception. No run is left RUNNING. With `parent_run_id`, the run is nested under it.
+    KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from stage_runner.stop_point), FAILED on
+    any other exception. No run is left RUNNING. With `parent_run_id`, the run is nested under
+    it.
     """
     experiment_id = use_experiment(experiment)
-    run = mlflow.start_run(
+    with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,
         run_name=run_name,
@@ -123,37 +117,34 @@ def tracked_run(
         parent_run_id=parent_run_id,
         tags=dict(tags) if tags else None,
         log_system_metrics=system_metrics,
-    )
-    log.info(
-        "MLflow run %s (%s) in experiment %r at %s",
-        run.info.run_id,
-        "resumed" if run_id else "new",
-        experiment,
-        mlflow.get_tracking_uri(),
-    )
-    try:
-        yield run
-    except finished_on:
-        _end_run("FINISHED", run.info.run_id, failing=True)
-        raise
-    except KeyboardInterrupt:
-        _end_run("KILLED", run.info.run_id, failing=True)
-        raise
-    except BaseException:
-        _end_run("FAILED", run.info.run_id, failing=True)
-        raise
-    _end_run("FINISHED", run.info.run_id)
+    ) as run:  # which ends it FINISHED, unless an exception below ended it first
+        log.info(
+            "MLflow run %s (%s) in experiment %r at %s",
+            run.info.run_id,
+            "resumed" if run_id else "new",
+            experiment,
+            mlflow.get_tracking_uri(),
+        )
+        try:
+            yield run
+        except finished_on:
+            _end_run("FINISHED", run.info.run_id)
+            raise
+        except KeyboardInterrupt:
+            _end_run("KILLED", run.info.run_id)
+            raise
+        except BaseException:
+            _end_run("FAILED", run.info.run_id)
+            raise
 
 
-def _end_run(status: str, run_id: str, failing: bool = False) -> None:
-    """Ends the active run. While an error is on its way out (`failing`), a store that cannot
-    be reached is logged instead of raised, so the first error is the one reported; the run
-    is ended later (train resumes it; a sweep's next worker ends it FAILED)."""
+def _end_run(status: str, run_id: str) -> None:
+    """Ends the active run while an error is on its way out. A store that cannot be reached
+    is logged instead of raised, so the first error is the one reported; the run is ended
+    later (train resumes it; a sweep's next worker ends it FAILED)."""
     try:
         mlflow.end_run(status)
     except MlflowException as error:
-        if not failing:
-            raise
         # mlflow.end_run has already dropped the run from this process's active runs.
         log.warning(
             "could not end MLflow run %s as %s: %s",
@@ -270,7 +261,7 @@ def log_params(params: Params) -> None:
 
 def log_epoch(epoch: int, logs: Mapping[str, float], run_id: str | None = None) -> None:
     """One epoch's metrics, at step = epoch number (1-based), to `run_id` or the active run.
-    Nothing when `logs` is empty, as after a diverged epoch (see fit.EpochRecorder)."""
+    Nothing when `logs` is empty, as after a diverged epoch (see training_loop.EpochRecorder)."""
     metrics = {key: float(value) for key, value in logs.items()}
     if not metrics:
         return
@@ -352,171 +343,7 @@ def backfill_history(run_id: str, history: Mapping[str, list[float]]) -> None:
             log_epoch(epoch, {key: values[epoch - 1] for key, values in history.items()})
 
 
-# --- provenance ---------------------------------------------------------------------------------
-
-
-def dvc_hashes(lock: Path = DVC_LOCK) -> dict[str, str]:
-    """DVC's hash of every stage output in dvc.lock, by path (a folder's ends in `.dir`)."""
-    if not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return {
-        out["path"]: out["md5"]
-        for stage in stages.values()
-        for out in stage.get("outs", [])
-        if "md5" in out
-    }
-
-
-def git_state() -> dict[str, str]:
-    """The commit and whether tracked files differ from it."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.CalledProcessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
-    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
-
-
-def log_provenance(params: Params) -> None:
-    """Tags: git commit and dirtiness, the DVC hashes of the archive and the prepared data."""
-    hashes = dvc_hashes()
-    tags = git_state()
-    tags["data.archive_md5"] = hashes.get(params.paths.archive.as_posix(), "unknown")
-    for split in ("train", "validation", "test"):
-        path = (params.paths.prepared / split).as_posix()
-        tags[f"data.{split}_dvc_hash"] = hashes.get(path, "unknown")
-    mlflow.set_tags(tags)
-
-
-def log_dataset(split: Split, name: str, source: Path, context: str) -> None:
-    """An MLflow dataset input whose digest is the split's DVC hash (the UI's Dataset column)."""
-    digest = dvc_hashes().get(source.as_posix(), "unknown")
-    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": it is a path
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = from_numpy(
-            split.images, targets=split.labels, name=name, digest=digest, source=source.as_posix()
-        )
-    mlflow.log_input(dataset, context=context)
-
-
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
     for path in paths:
         if path.is_file():
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-
-# --- the model and the registry -----------------------------------------------------------------
-
-
-def model_signature() -> ModelSignature:
-    """uint8 images (any batch, 32, 32, 3) in; 10 float32 probabilities out."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 32, 32, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
-    )
-
-
-def serving_requirements() -> list[str]:
-    """The packages a served model needs, at this environment's versions (MLflow adds itself).
-
-    Given explicitly, MLflow skips inferring them, which reloads the model in a subprocess (8.5 s
-    of an evaluate on tiny data) and lists this project, which the float32 model never needs.
-    """
-    return [
-        f"{name}=={importlib.metadata.version(name)}" for name in ("tensorflow", "keras", "numpy")
-    ]
-
-
-@dataclass(frozen=True)
-class Registration:
-    version: str
-    champion: bool
-    previous_champion: str | None
-
-
-def log_and_register_model(
-    model: keras.Model,
-    example: np.ndarray,
-    registered_model: str,
-    alias: str,
-    test_accuracy: float,
-) -> Registration:
-    """Logs the model, registers a new version, and moves `alias` to it if it is more accurate.
-
-    The current champion's figure is its run's `test_accuracy` metric.
-    """
-    # mlflow.keras.log_model (3.17) writes the input example before creating its folder and
-    # fails; the tensorflow flavour saves Keras 3 models natively and gives the same pyfunc. It
-    # imports TensorFlow, so it is imported here, where a model is at hand anyway.
-    import mlflow.tensorflow
-
-    info = mlflow.tensorflow.log_model(
-        model,
-        name=MODEL_ARTIFACT,
-        signature=model_signature(),
-        input_example=example,
-        registered_model_name=registered_model,
-        pip_requirements=serving_requirements(),
-    )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    client.set_model_version_tag(registered_model, version, "test_accuracy", f"{test_accuracy:.6f}")
-    previous = champion_accuracy(registered_model, alias)
-    better = previous is None or test_accuracy > previous[1]
-    if better:
-        client.set_registered_model_alias(registered_model, alias, version)
-        record_alias_move(client, registered_model, alias, version, previous)
-        log.info(
-            "%s version %s is the new @%s (test accuracy %.4f)",
-            registered_model,
-            version,
-            alias,
-            test_accuracy,
-        )
-    else:
-        assert previous is not None
-        log.info(
-            "%s version %s (%.4f) does not beat @%s version %s (%.4f); alias unchanged",
-            registered_model, version, test_accuracy, alias, previous[0], previous[1],
-        )  # fmt: skip
-    return Registration(version, better, None if previous is None else previous[0])
-
-
-def record_alias_move(
-    client: MlflowClient,
-    registered_model: str,
-    alias: str,
-    version: str,
-    previous: tuple[str, float] | None,
-) -> None:
-    """Tags both versions with the move, as MLflow keeps no history of an alias: the new one
-    `<alias>.since` and `<alias>.replaced`, the old one `<alias>.until` and
-    `<alias>.replaced_by`. The version that held the alias at time T is the one whose `since`
-    is at or before T and whose `until` is absent or after it (ISO 8601 times, UTC)."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    client.set_model_version_tag(registered_model, version, f"{alias}.since", now)
-    client.set_model_version_tag(
-        registered_model, version, f"{alias}.replaced", previous[0] if previous else "none"
-    )
-    if previous is not None:
-        client.set_model_version_tag(registered_model, previous[0], f"{alias}.until", now)
-        client.set_model_version_tag(registered_model, previous[0], f"{alias}.replaced_by", version)
-
-
-def champion_accuracy(registered_model: str, alias: str) -> tuple[str, float] | None:
-    """(version, test accuracy) of the version holding `alias`, or None if no version does."""
-    client = MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(registered_model, alias)
-    except MlflowException:
-        return None
-    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
-    accuracy = metrics.get("test_accuracy", -math.inf)
-    return str(version.version), float(accuracy)

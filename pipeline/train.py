@@ -15,22 +15,14 @@ import shutil
 import time
 from typing import Any
 
-from pipeline import tracking
+from pipeline import provenance, tracking
 from pipeline.atomic import write_json, write_text
 from pipeline.checkpoint import EpochCheckpoint, load_checkpoint, resume_best, run_fingerprint
 from pipeline.config import PARAMS_FILE, load_params
-from pipeline.dataset import load_split
-from pipeline.fit import (
-    HISTORY_KEYS,
-    History,
-    compile_model,
-    distribution_strategy,
-    fit,
-    seed_everything,
-    steps_per_epoch,
-)
-from pipeline.model import load_model, portable, save_model, with_precision
-from pipeline.stage import run_stage
+from pipeline.model import load_model, portable, save_model
+from pipeline.splits import load_split
+from pipeline.stage_runner import run_stage
+from pipeline.training_loop import HISTORY_KEYS, History, fit, prepared_model
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +74,12 @@ def main() -> None:
     validation = load_split(paths.prepared, "validation")
     fingerprint = run_fingerprint(params)
     state = load_checkpoint(paths.checkpoint, fingerprint)
-    seed_everything(params.train)
-    with distribution_strategy(params.train).scope():
-        if state is None:
-            shutil.rmtree(paths.checkpoint, ignore_errors=True)
-            untrained = load_model(paths.untrained_model)
-            model = with_precision(untrained, params.model, params.train.precision)
-            compile_model(model, params.train, steps_per_epoch(len(train), params.train))
-        else:
-            log.info("resuming from epoch %d of %d", state.epoch, params.train.epochs)
-            model = load_model(paths.checkpoint / state.model_file)  # compiled, with optimiser
+    if state is None:
+        shutil.rmtree(paths.checkpoint, ignore_errors=True)
+    else:
+        log.info("resuming from epoch %d of %d", state.epoch, params.train.epochs)
+    saved = paths.untrained_model if state is None else paths.checkpoint / state.model_file
+    model = prepared_model(lambda: load_model(saved), params, len(train))
     best = resume_best(model, paths.checkpoint, state)
 
     identity = {"run_id": state.run_id} if state else run_identity()  # a resumed run keeps its name
@@ -99,9 +87,9 @@ def main() -> None:
         run_id = run.info.run_id
         if state is None:
             tracking.log_params(params)
-            tracking.log_provenance(params)
-            tracking.log_dataset(train, "train", paths.prepared / "train", "training")
-            tracking.log_dataset(
+            provenance.log_provenance(params)
+            provenance.log_dataset(train, "train", paths.prepared / "train", "training")
+            provenance.log_dataset(
                 validation, "validation", paths.prepared / "validation", "validation"
             )
         else:

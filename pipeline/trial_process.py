@@ -31,13 +31,12 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import optuna
-from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.config import Params, TuneParams
-from pipeline.dataset import Split, load_split, stratified_split
 from pipeline.errors import PipelineError
-from pipeline.stage import configure_logging, stop_point
+from pipeline.splits import Split, load_split, stratified_split
+from pipeline.stage_runner import configure_logging, stop_point
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ def train_trial(job: TrialJob, results: Connection, answers: Connection) -> None
         outcome = _train(job, results, heard)
     except PipelineError as error:  # bad data or params: one line for the user
         outcome = TrialOutcome("bad_input", reason=str(error))
-    except MlflowException as error:  # the tracking server stayed away past its retries
+    except tracking.TrackingError as error:  # the tracking server stayed away past its retries
         reason = f"MLflow at {job.tracking_uri}: {str(error).strip().splitlines()[0][:300]}"
         outcome = TrialOutcome("tracking_lost", reason=reason)
     except Exception:  # a bug: the worker fails the trial and shows this traceback
@@ -156,25 +155,17 @@ def _train(job: TrialJob, results: Connection, answers: queue.Queue[bool]) -> Tr
     # sweep worker imports this module only to start trials, and so runs without TensorFlow.
     import keras
 
-    from pipeline.fit import (
-        TrainingDiverged,
-        compile_model,
-        distribution_strategy,
-        fit,
-        seed_everything,
-        steps_per_epoch,
-    )
     from pipeline.model import build_model
+    from pipeline.training_loop import TrainingDiverged, fit, prepared_model
 
     os.chdir(job.cwd)
     tracking.use_tracking_uri(job.tracking_uri)
     params = job.params
     train = trial_subset(load_split(params.paths.prepared, "train"), params.tune)
     validation = load_split(params.paths.prepared, "validation")
-    seed_everything(params.train)
-    with distribution_strategy(params.train).scope():
-        model = build_model(params.model, params.train.precision)
-        compile_model(model, params.train, steps_per_epoch(len(train), params.train))
+    model = prepared_model(
+        lambda: build_model(params.model, params.train.precision), params, len(train)
+    )
     started = time.perf_counter()
 
     def outcome(state: Any, value: float | None = None, reason: str = "") -> TrialOutcome:
@@ -208,7 +199,7 @@ def trial_processes() -> Any:
     process of the job (Slurm's) must not take it away while the worker hands its trial back.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.fit", "pipeline.model", __name__])
+    context.set_forkserver_preload(["pipeline.training_loop", "pipeline.model", __name__])
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited across exec
     try:
         multiprocessing.forkserver.ensure_running()

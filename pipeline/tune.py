@@ -1,11 +1,14 @@
-"""Stage `tune` (sweep/dvc.yaml): an Optuna study over learning rate, momentum and dropouts.
+"""Stage `tune` (sweep/dvc.yaml): a sweep worker, running trials of one Optuna study.
 
-Each trial trains with the same `fit` as the train stage, reports validation accuracy after every
-epoch and may be pruned; the test split is never read. The study lives in `tune.storage` (or
-OPTUNA_STORAGE) and `tune.n_trials` is the total it should reach, so rerunning resumes it.
-Every trial is an MLflow run nested under one parent run per study. Outputs: the best trial
-(paths.best_params), every trial (paths.trials) and plots (paths.sweep_plots).
+Who talks to what: this worker alone talks to the Optuna storage (opened in study.py, which
+also holds retries and the clean-up) and reports each epoch to it; it opens each trial's MLflow
+run, nested under the study's one parent run, and trains the trial in a process of its own
+(trial_process.py), which logs epochs to that run and never touches the storage. When the study
+has tune.n_trials finished trials, sweep_report.py writes the outputs from the study.
 
+Each trial trains with the same training loop as the train stage and may be pruned; the test
+split is never read. The study lives in `tune.storage` (or OPTUNA_STORAGE) and `tune.n_trials`
+is the total it should reach, so rerunning resumes it; any number of workers may share it.
 `python -m pipeline.handback` then writes the best values into params.yaml.
 """
 
@@ -17,16 +20,11 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import matplotlib
 import optuna
-import yaml
-from mlflow.exceptions import MlflowException
 
-from pipeline import tracking
-from pipeline.atomic import write_text
+from pipeline import sweep_report, tracking
 from pipeline.config import (
     ChoiceParams,
     Params,
@@ -35,10 +33,9 @@ from pipeline.config import (
     trial_values,
     with_values,
 )
-from pipeline.dataset import split_files
 from pipeline.errors import PipelineError, error_line
-from pipeline.params_edit import rounded
-from pipeline.stage import run_stage, stop_point
+from pipeline.splits import split_files
+from pipeline.stage_runner import run_stage, stop_point
 from pipeline.study import (
     Retry,
     Storage,
@@ -50,8 +47,7 @@ from pipeline.study import (
 )
 from pipeline.trial_process import Epoch, TrialJob, TrialProcessDied, run_in_process
 
-matplotlib.use("Agg")
-# Heartbeats and the matplotlib plots are marked experimental; the marks say nothing to a user.
+# Heartbeats and the plots are marked experimental; the marks say nothing to a user.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 log = logging.getLogger(__name__)
@@ -87,6 +83,13 @@ class TrackingUnavailable(PipelineError):
     """The MLflow tracking store refused or dropped this worker's writes past their retries."""
 
 
+# A trial process's failure: lost tracking fails the trial, which is retried while the worker
+# goes on; bad params or data stop the worker with their message; a bug, with its traceback.
+FAILURES: dict[str, type[Exception]] = {
+    "tracking_lost": TrialFailed, "bad_input": PipelineError, "crashed": RuntimeError,
+}  # fmt: skip
+
+
 class Objective:
     """One trial: its values, its MLflow run, and its training in a process of its own.
 
@@ -104,7 +107,7 @@ class Objective:
         self.number, self.unstored_run_id = trial.number, None
         try:
             return self.run(trial)
-        except MlflowException as error:
+        except tracking.TrackingError as error:
             raise TrackingUnavailable(
                 f"MLflow tracking store {tracking.tracking_uri()} failed past its retries "
                 f"(about tune.connect_seconds = {self.params.tune.connect_seconds} s): "
@@ -155,14 +158,9 @@ class Objective:
                 tags = {"optuna.state": "PRUNED", "optuna.pruned_reason": outcome.reason}
                 tracking.set_tags(tags)
                 raise optuna.TrialPruned(outcome.reason)
-            if outcome.state == "tracking_lost":
-                self.fail(trial, outcome.reason)
-                raise TrialFailed(f"trial {trial.number}: {outcome.reason}")
             if outcome.state != "complete" or outcome.value is None:
                 self.fail(trial, outcome.reason.strip().splitlines()[-1])
-                if outcome.state == "bad_input":
-                    raise PipelineError(outcome.reason)
-                raise RuntimeError(f"trial {trial.number} failed in its process:\n{outcome.reason}")
+                raise FAILURES[outcome.state](f"trial {trial.number}: {outcome.reason}")
             tracking.set_tags({"optuna.state": "COMPLETE"})
             tracking.log_summary({"objective_val_accuracy": outcome.value})
         if self.params.tune.multi_objective:
@@ -207,143 +205,6 @@ class OneLineErrors(logging.Filter):
 def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     reason = trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason") or ""
     log.info("trial %d %s: values %s %s", trial.number, trial.state.name, trial.values, reason)
-
-
-# --- outputs ------------------------------------------------------------------------------------
-
-
-def accuracy(trial: optuna.trial.FrozenTrial) -> float | None:
-    """The trial's validation accuracy: its value, or its first of several."""
-    return trial.values[0] if trial.values else None
-
-
-def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """A multi-objective study's best trade-offs, most accurate first; [] for one objective."""
-    if len(study.directions) < 2:
-        return []
-    return sorted(study.best_trials, key=lambda t: (-(accuracy(t) or 0.0), t.number))
-
-
-def trials_table(study: optuna.Study, tuned: list[str]) -> str:
-    """Every trial as CSV: number, state, params, value (validation accuracy), duration (s),
-    epochs run, reason; `pareto` marks a multi-objective study's front."""
-    frame = study.trials_dataframe(
-        attrs=("number", "state", "params", "value", "duration", "user_attrs")
-    )
-    if frame.empty:
-        return ""
-    frame["duration"] = frame["duration"].dt.total_seconds().round(2)
-    frame = frame.rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
-    frame = frame.rename(columns={"duration": "duration_s", "epochs": "epochs_run"})
-    if "values_0" in frame:  # the second objective is the fit_seconds column already
-        frame = frame.rename(columns={"values_0": "value"}).drop(columns="values_1")
-        front = {t.number for t in pareto_front(study)}
-        frame.insert(0, "pareto", frame["number"].isin(front))
-    first = ["number", "state", *tuned, "value", "duration_s", "epochs_run"]
-    columns = [c for c in first if c in frame] + [c for c in frame if c not in first]
-    return str(frame[columns].to_csv(index=False))
-
-
-def best_trial_report(study: optuna.Study) -> dict[str, Any]:
-    """The most accurate complete trial (what `pipeline.handback` hands back, with its values as
-    params.yaml will hold them), and for a multi-objective study its Pareto front."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    best = max(complete, key=lambda t: accuracy(t) or 0.0)  # the first, on a tie
-    report: dict[str, Any] = {
-        "study": study.study_name,
-        "trial": best.number,
-        "val_accuracy": round(float(accuracy(best) or 0.0), 6),
-        "params": {name: rounded(value) for name, value in best.params.items()},
-    }
-    if len(study.directions) > 1:
-        report["pareto_front"] = [
-            {"trial": t.number, "val_accuracy": round(t.values[0], 6),
-             "fit_seconds": round(t.values[1], 2),
-             "params": {name: rounded(value) for name, value in t.params.items()}}
-            for t in pareto_front(study)
-        ]  # fmt: skip
-    return report
-
-
-def draw_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optimisation history, parameter importances and parallel coordinates (of validation
-    accuracy), and a multi-objective study's Pareto front, as PNG files."""
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
-    folder.mkdir(parents=True, exist_ok=True)
-    drawn = []
-    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    by_accuracy: dict[str, Any] = {}
-    plots: dict[str, Callable[..., Any]] = {
-        "optimization_history.png": optuna_plots.plot_optimization_history,
-        "parallel_coordinate.png": optuna_plots.plot_parallel_coordinate,
-    }
-    if complete >= 2:  # importances need at least two finished, different trials
-        plots["param_importances.png"] = optuna_plots.plot_param_importances
-    if len(study.directions) > 1:
-        by_accuracy = {"target": accuracy, "target_name": "val_accuracy"}
-        plots["pareto_front.png"] = optuna_plots.plot_pareto_front
-    for name, plot in plots.items():
-        if name == "pareto_front.png":
-            axes = plot(study, target_names=["val_accuracy", "fit_seconds"])
-        else:
-            axes = plot(study, **by_accuracy)
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        figure.set_size_inches(10, 6)
-        figure.tight_layout()
-        figure.savefig(folder / name, dpi=90, metadata={"Software": None})
-        plt.close(figure)
-        drawn.append(folder / name)
-    return drawn
-
-
-def sweep_description(study: optuna.Study, tuned: list[str]) -> str:
-    """The parent run's description: every trial, the complete ones best first (a pruned
-    trial's value is an early epoch's, so it never outranks them), each linked to its MLflow run."""
-    complete = optuna.trial.TrialState.COMPLETE
-    trials = sorted(
-        study.get_trials(deepcopy=False),
-        key=lambda t: (t.state != complete, accuracy(t) is None, -(accuracy(t) or 0.0), t.number),
-    )
-    lines = [f"Optuna study `{study.study_name}`: {len(trials)} trials, best first.", ""]
-    baseline = [t for t in trials if t.user_attrs.get("drawn_instead")]
-    if baseline:  # the first trial is params.yaml's values, but for those outside tune.space
-        first = min(baseline, key=lambda t: t.number)
-        outside = ", ".join(f"{k} = {v!r}" for k, v in first.user_attrs["drawn_instead"].items())
-        lines += [f"Trial {first.number} trains params.yaml's values, but for {outside}: "
-                  "outside tune.space, so drawn instead.", ""]  # fmt: skip
-    lines += [
-        "| trial | state | val_accuracy | " + " | ".join(tuned) + " |",
-        "|---" * (3 + len(tuned)) + "|",
-    ]
-    for trial in trials:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        number = f"[{trial.number}]({tracking.run_link(run_id)})" if run_id else str(trial.number)
-        value = "" if accuracy(trial) is None else f"{accuracy(trial):.4f}"
-        values = (f"{trial.params[k]:.3g}" if isinstance(trial.params.get(k), float)
-                  else str(trial.params.get(k, "")) for k in tuned)  # fmt: skip
-        lines.append(f"| {number} | {trial.state.name} | {value} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def write_outputs(study: optuna.Study, params: Params) -> dict[str, Any]:
-    paths = params.paths
-    write_text(trials_table(study, list(params.tune.space)), paths.trials)
-    plots = draw_plots(study, paths.sweep_plots)
-    best = best_trial_report(study)
-    write_text(yaml.safe_dump(best, sort_keys=False), paths.best_params)
-    tracking.log_summary({"best_val_accuracy": best["val_accuracy"], "best_trial": best["trial"]})
-    tracking.set_tags(
-        {
-            f"best.{name}": f"{value:.6g}" if isinstance(value, float) else str(value)
-            for name, value in best["params"].items()
-        }
-    )
-    tracking.set_description(sweep_description(study, list(params.tune.space)))
-    tracking.log_artifacts([paths.trials, paths.best_params])
-    tracking.log_artifacts(plots, "plots")
-    return best
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -399,10 +260,8 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
 def requeue(study: optuna.Study, number: int | None, n_trials: int) -> None:
     """The trial this worker held when it had to stop: Optuna failed it; queue it again for
     whichever worker is free next."""
-    if number is None:
-        return
-    for trial in study.get_trials(deepcopy=False):
-        if trial.number == number and trial.state == optuna.trial.TrialState.FAIL:
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        if trial.number == number:
             Retry(n_trials)(study, trial)
             log.info("trial %d failed as this worker stopped; queued again", number)
 
@@ -421,29 +280,22 @@ def sweep(params: Params) -> dict[str, Any]:
     study, storage = open_study(tune)
     parent_run_id = shared_parent_run(study, params)
     with tracking.tracked_run(params.mlflow.experiment, run_id=parent_run_id):
-        if not is_full(study, tune.n_trials):
-            log.info(
-                "study %r has %d of %d trials; running trials",
-                study.study_name,
-                finished_trials(study),
-                tune.n_trials,
-            )
+        full = is_full(study, tune.n_trials)
+        log.info(
+            "study %r has %d of %d trials; %s", study.study_name, finished_trials(study),
+            tune.n_trials, "nothing to run" if full else "running trials",
+        )  # fmt: skip
+        if not full:
             for split in ("train", "validation"):  # before any trial: one clear error
                 split_files(params.paths.prepared, split)
             run_trials(study, storage, params, parent_run_id)
-        else:
-            log.info(
-                "study %r already has %d trials; nothing to run",
-                study.study_name,
-                finished_trials(study),
-            )
         settle(study, params, parent_run_id)
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise PipelineError(
                 f"study {study.study_name!r} has no complete trial yet; "
                 "widen tune.space or raise tune.n_trials"
             )
-        best = write_outputs(study, params)
+        best = sweep_report.write_outputs(study, params)
     if not is_full(study, tune.n_trials):
         raise PipelineError(
             f"study {study.study_name!r} ended short: {finished_trials(study)} of tune.n_trials = "

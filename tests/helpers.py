@@ -4,6 +4,7 @@ and MLflow servers."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -271,13 +273,27 @@ SWEEP = {
 }
 
 
+_PREPARED: list[tuple[Path, Path]] = []  # this test process's prepared sweep project, archive
+
+
 def sweep_project(tmp: Path, own_mlflow: bool = True, **tune: Any) -> tuple[Path, dict[str, str]]:
-    """A tiny repository with its data prepared, and (by default) its own MLflow store."""
-    project, env = tiny_project(tmp, tune={**SWEEP, **tune})
+    """A tiny repository with its data prepared, and (by default) its own MLflow store.
+
+    The first call in a test process prepares one (`dvc repro preprocess`); each call copies it,
+    then writes its own `tune` values, which no prepared stage reads."""
+    if not _PREPARED:
+        base = Path(tempfile.mkdtemp(prefix="pipeline-sweep-"))
+        atexit.register(shutil.rmtree, base, True)
+        template, env = tiny_project(base, tune=SWEEP)
+        result = run(["dvc", "repro", "preprocess"], template, **env)
+        assert result.returncode == 0, result.stderr
+        _PREPARED.append((template, Path(env["CIFAR10_URL"])))
+    template, archive = _PREPARED[0]
+    project = shutil.copytree(template, tmp / "project", symlinks=True)
+    write_params(project, tiny_params(archive, tune={**SWEEP, **tune}))
+    env = {"CIFAR10_URL": str(archive)}
     if own_mlflow:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    result = run(["dvc", "repro", "preprocess"], project, **env)
-    assert result.returncode == 0, result.stderr
     return project, env
 
 
@@ -413,8 +429,6 @@ class Postgres:
 def start_postgres() -> Postgres:
     """A throwaway PostgreSQL cluster on 127.0.0.1 with password authentication, run as
     `postgres` when we are root."""
-    import tempfile
-
     base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # under /tmp: reachable by `postgres`
     (base / "pwfile").write_text(POSTGRES_PASSWORD + "\n")
     as_user: list[str] = []
@@ -573,8 +587,6 @@ def start_slurm() -> Slurm:
     """slurmctld and slurmd in the foreground on free ports, with their state, spool and logs
     in a folder of their own (SLURM_CONF names it: nothing under /etc is changed). Needs root,
     Debian's slurm-wlm and munge (.ci/run installs them), and starts munged if none runs."""
-    import tempfile
-
     assert os.geteuid() == 0, "a Slurm cluster's daemons run as root: run the tests as root"
     for daemon in ("slurmctld", "slurmd", "munged"):
         assert shutil.which(daemon) or Path(f"/usr/sbin/{daemon}").exists(), (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.dataset import load_split
+from pipeline.splits import load_split
 from tests.helpers import (
     ROOT,
     ArchiveServer,

@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 
 from pipeline.config import AugmentParams, params_from_dict, set_dotted
-from pipeline.dataset import Split
-from pipeline.fit import (
+from pipeline.model import build_model, summary_text
+from pipeline.params_edit import load_recipe
+from pipeline.splits import Split
+from pipeline.training_loop import (
     TrainingDiverged,
     augment_batch,
     compile_model,
     fit,
     input_pipeline,
+    prepared_model,
     seed_everything,
     steps_per_epoch,
 )
-from pipeline.model import build_model, summary_text
-from pipeline.params_edit import load_recipe
 from tests.helpers import ROOT, make_tiny_cifar
 
 
@@ -92,9 +93,7 @@ def test_fit_records_every_epoch_with_the_learning_rate(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
     params = small(params_dict, epochs=3)
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     history = fit(model, *tiny_splits, params.train, verbose=0)
     assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"}
     assert all(len(values) == 3 for values in history.values())
@@ -110,9 +109,7 @@ def test_same_seed_with_determinism_gives_the_same_metrics(
     params = small(params_dict, deterministic=True)
 
     def train_once() -> dict[str, list[float]]:
-        seed_everything(params.train)
-        model = build_model(params.model)
-        compile_model(model, params.train, steps_per_epoch(160, params.train))
+        model = prepared_model(lambda: build_model(params.model), params, 160)
         return fit(model, *tiny_splits, params.train, verbose=0)
 
     assert train_once() == train_once()
@@ -123,9 +120,7 @@ def test_a_nan_loss_stops_training_with_a_clear_error(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
     params = small(params_dict, learning_rate=1e9, epochs=5)
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     with pytest.raises(TrainingDiverged, match=r"the training loss became (nan|inf) in epoch 1"):
         fit(model, *tiny_splits, params.train, verbose=0)
 
@@ -199,9 +194,7 @@ def test_the_model_keeps_its_best_or_its_last_epoch(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split], restore_best: bool
 ) -> None:
     params = small(params_dict, epochs=6, learning_rate=0.05, restore_best=restore_best)
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     history = fit(model, *tiny_splits, params.train, verbose=0)
     _, validation = tiny_splits
     accuracy = float(
@@ -231,7 +224,7 @@ def reference_rate(schedule: str, step: int, peak: float, spe: int, total: int) 
 def test_each_schedule_sets_the_rate_its_formula_gives_at_every_step(
     params_dict: dict[str, Any], schedule: str
 ) -> None:
-    from pipeline.fit import learning_rate
+    from pipeline.training_loop import learning_rate
 
     params = small(
         params_dict, schedule=schedule, epochs=8, learning_rate=0.2, warmup_epochs=2,
@@ -267,7 +260,7 @@ def test_a_base_batch_size_scales_the_learning_rate_linearly(params_dict: dict[s
     assert small(params_dict, batch_size=256).train.peak_learning_rate == 0.01
     scaled = small(params_dict, batch_size=256, learning_rate=0.02, base_batch_size=64)
     assert scaled.train.peak_learning_rate == pytest.approx(0.08)
-    from pipeline.fit import learning_rate
+    from pipeline.training_loop import learning_rate
 
     assert float(learning_rate(scaled.train, 10)(0)) == pytest.approx(0.08)
 
@@ -297,7 +290,7 @@ def test_weight_decay_shrinks_each_weight_by_lr_times_decay_per_step(
 def test_label_smoothing_trains_on_softened_one_hot_targets(
     params_dict: dict[str, Any], tiny_splits: tuple[Split, Split]
 ) -> None:
-    from pipeline.fit import make_loss
+    from pipeline.training_loop import make_loss
 
     params = small(params_dict, label_smoothing=0.1)
     probabilities = np.array([[0.7, 0.2, 0.1] + [0.0] * 7], dtype=np.float32) + 1e-4
@@ -309,9 +302,7 @@ def test_label_smoothing_trains_on_softened_one_hot_targets(
 
     batch = next(iter(input_pipeline(tiny_splits[0], 16, one_hot=True)))[1].numpy()
     assert batch.shape == (16, 10) and np.array_equal(batch.argmax(1), tiny_splits[0].labels[:16])
-    seed_everything(params.train)
-    model = build_model(params.model)
-    compile_model(model, params.train, steps_per_epoch(160, params.train))
+    model = prepared_model(lambda: build_model(params.model), params, 160)
     history = fit(model, *tiny_splits, params.train, verbose=0)
     validation = tiny_splits[1]  # "accuracy" is still the share of right answers
     predicted = model.predict(validation.images, verbose=0).argmax(axis=1)

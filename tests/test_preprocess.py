@@ -11,8 +11,8 @@ import pytest
 
 import pipeline.preprocess as preprocess_module
 from pipeline.config import params_from_dict
-from pipeline.dataset import load_class_names, load_split, stratified_split
 from pipeline.errors import PipelineError
+from pipeline.splits import load_class_names, load_split, stratified_split
 from tests.helpers import TinyCifar, run, sha256_of, shrink, write_params
 
 
@@ -39,10 +39,9 @@ def test_a_validation_split_larger_than_the_archive_is_refused() -> None:
         stratified_split(np.zeros(200, dtype=np.uint8), 300, seed=0)
 
 
-def test_channel_stats_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_channel_stats_match_numpy() -> None:
     images = np.random.default_rng(1).integers(0, 256, size=(20, 32, 32, 3), dtype=np.uint8)
-    monkeypatch.setattr(preprocess_module, "STATS_CHUNK", 6)  # several chunks, and a rest
-    mean, std = preprocess_module.channel_stats(images)
+    mean, std = preprocess_module.channel_stats(images, chunk_images=6)  # chunks and a rest
     scaled = images / 255.0
     np.testing.assert_allclose(mean, scaled.mean(axis=(0, 1, 2)), atol=1e-6)
     np.testing.assert_allclose(std, scaled.std(axis=(0, 1, 2)), atol=1e-6)

@@ -72,9 +72,9 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import yaml
 from pipeline.config import params_from_dict
-from pipeline.dataset import Split
+from pipeline.splits import Split
 from pipeline.model import build_model
-from pipeline.fit import compile_model, distribution_strategy, fit, steps_per_epoch
+from pipeline.training_loop import compile_model, distribution_strategy, fit, steps_per_epoch
 raw = yaml.safe_load(open(sys.argv[1]))
 raw["model"].update(conv_filters=[4, 8], dense_units=16)
 raw["train"].update(distribute="mirrored", epochs=2, batch_size=16, warmup_epochs=0.5)

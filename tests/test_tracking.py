@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.config import ModelParams
 from pipeline.evaluate import evaluate, flat_metrics, metrics_report
 from pipeline.model import build_model
@@ -104,7 +104,7 @@ def test_the_champion_alias_moves_only_to_a_more_accurate_version(store: MlflowC
         with tracking.tracked_run("registry"):
             tracking.log_summary({"test_accuracy": accuracy})
             outcomes.append(
-                tracking.log_and_register_model(model, example, "tiny", "champion", accuracy)
+                registry.log_and_register_model(model, example, "tiny", "champion", accuracy)
             )
     assert [(o.version, o.champion) for o in outcomes] == [
         ("1", True), ("2", False), ("3", True), ("4", False),
@@ -143,8 +143,8 @@ def test_evaluation_figures_from_probabilities() -> None:
 
 STOPPING_STAGE = """
 import os, signal, threading, time
-from pipeline import tracking
-from pipeline.stage import run_stage, stop_point
+from pipeline import registry, tracking
+from pipeline.stage_runner import run_stage, stop_point
 
 def stage():
     with tracking.tracked_run("stops") as run:

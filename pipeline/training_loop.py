@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -17,11 +17,11 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from pipeline.config import AugmentParams, TrainParams
-from pipeline.dataset import Split
+from pipeline.config import AugmentParams, Params, TrainParams
 from pipeline.errors import PipelineError
-from pipeline.model import NUM_CLASSES
-from pipeline.stage import stop_point
+from pipeline.model import NUM_CLASSES, with_precision
+from pipeline.splits import Split
+from pipeline.stage_runner import stop_point
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,22 @@ def compile_model(model: keras.Model, params: TrainParams, steps: int) -> None:
     when train.label_smoothing > 0; accuracy."""
     model.compile(optimizer=make_optimizer(params, steps), loss=make_loss(params),
                   metrics=["accuracy"])  # fmt: skip
+
+
+def prepared_model(
+    make: Callable[[], keras.Model], params: Params, train_images: int
+) -> keras.Model:
+    """The one set-up before training, for the train stage and sweep trials alike: seeds
+    everything, then makes the network inside the distribution strategy's scope and, unless it
+    comes compiled (a checkpoint, with its optimiser's state), sets it to train.precision and
+    compiles it for epochs of `train_images` images."""
+    seed_everything(params.train)
+    with distribution_strategy(params.train).scope():
+        model = make()
+        if not model.compiled:
+            model = with_precision(model, params.model, params.train.precision)
+            compile_model(model, params.train, steps_per_epoch(train_images, params.train))
+    return model
 
 
 def seed_everything(params: TrainParams) -> None:
@@ -271,8 +287,8 @@ class EpochRecorder(keras.callbacks.Callback):
 
 
 class StopWhenAsked(keras.callbacks.Callback):
-    """Takes a stop asked for by Ctrl-C or SIGTERM (see stage.stop_point) between two batches,
-    where no MLflow write or checkpoint is under way."""
+    """Takes a stop asked for by Ctrl-C or SIGTERM (see stage_runner.stop_point) between two
+    batches, where no MLflow write or checkpoint is under way."""
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         stop_point()

@@ -7,7 +7,7 @@ import logging
 import tenacity
 
 from pipeline.errors import error_line
-from pipeline.stage import pause
+from pipeline.stage_runner import pause
 
 log = logging.getLogger(__name__)
 
