@@ -111,8 +111,18 @@ class Storage(optuna.storages.RDBStorage):
     """
 
     def __init__(self, url: str, retry_seconds: float, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
+        # Optuna's own schema check holds a connection while it takes a second one: behind a
+        # connection pooler whose pool is full, each starting worker then waits on the others
+        # (31 of 32 workers starting at once through PgBouncer's 20 connections failed). The same
+        # check here takes one connection at a time.
+        super().__init__(url, skip_compatibility_check=True, **kwargs)
         self.url = url
+        if (schema := self.get_current_version()) != self.get_head_version():
+            raise PipelineError(
+                f"Optuna storage {redacted(url)} has schema {schema}, older or newer than "
+                f"Optuna {optuna.__version__}'s ({self.get_head_version()}); upgrade it with "
+                "`optuna storage upgrade --storage <url>`"
+            )
         if url.startswith("sqlite"):
             # SQLite ignores SELECT ... FOR UPDATE, so two workers could both take one WAITING
             # trial (a starting point, a retry). A transaction that takes the file's write lock
@@ -156,11 +166,16 @@ def make_storage(params: TuneParams) -> Storage:
 def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
     """Creates the study, or loads it to resume; waits for an unreachable database a while.
 
-    A refused password is not worth waiting for: it fails at once."""
+    A refused password or a schema of another Optuna version is not worth waiting for: each
+    fails at once."""
     url = storage_url(params)
     waiting = retrying(
         f"Optuna storage {redacted(url)} unreachable",
-        retry=tenacity.retry_if_exception(lambda error: "authentication failed" not in str(error)),
+        retry=tenacity.retry_if_exception(
+            lambda error: (
+                not isinstance(error, PipelineError) and "authentication failed" not in str(error)
+            )
+        ),
         stop=tenacity.stop_after_delay(params.connect_seconds),
     )
 
@@ -178,6 +193,8 @@ def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
 
     try:
         return waiting(attempt)
+    except PipelineError:
+        raise
     except Exception as error:  # SQLAlchemy and driver errors vary; name the URL and cause
         raise PipelineError(
             f"cannot open Optuna storage {redacted(url)} ({error_line(error)}); gave up after "
