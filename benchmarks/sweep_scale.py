@@ -154,6 +154,12 @@ def measure(
     storage = postgres.create_database(database)
     if port is not None:
         storage = storage.replace(f":{postgres.port}/", f":{port}/")
+        # Optuna creates its tables in a transaction that takes a second connection: many workers
+        # creating them at once through a full pool wait on each other. As sweep/README says,
+        # the study is created once, then the workers start.
+        create = [str(Path(sys.executable).parent / "optuna"), "create-study", "--storage",
+                  storage, "--study-name", STUDY, "--direction", "maximize"]  # fmt: skip
+        subprocess.run(create, check=True, capture_output=True)
     experiment = f"scale-{workers}"
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["mlflow"]["experiment"] = experiment

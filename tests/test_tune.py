@@ -462,3 +462,21 @@ def test_two_workers_on_one_sqlite_file_never_take_the_same_queued_trial(
     for worker in workers:
         worker.join(timeout=30)
     assert len(first) == len(second) == 30 and not first & second
+
+
+def test_a_study_database_of_another_optuna_version_is_refused_at_once(tmp_path: Path) -> None:
+    import sqlite3
+
+    from pipeline.errors import PipelineError
+    from pipeline.study import open_study
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(storage=url, study_name=STUDY)
+    with sqlite3.connect(tmp_path / "optuna.db") as database:  # as an older Optuna left it
+        database.execute("UPDATE alembic_version SET version_num = 'v3.0.0.a'")
+    params = params_from_dict(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    tune = params.tune.model_copy(update={"storage": url, "study_name": STUDY})
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"has schema v3\.0\.0\.a, .*optuna storage upgrade"):
+        open_study(tune)
+    assert time.monotonic() - started < tune.connect_seconds  # not waited out as an outage
