@@ -211,12 +211,8 @@ def shared_parent_run(study: optuna.Study, params: Params) -> str:
     created within tune.grace_seconds: the earliest (by start time, then id) is every worker's
     parent, the others delete their own, and each records the one choice in the study. No worker
     waits on another; one that dies leaves at most a candidate, which settle deletes later.
-    A worker looks only once its own candidate has been stored for twice as long as storing it
-    took, so that an earlier candidate still on its way is seen (without that, 2 of 32 workers
-    starting at once on 2 cores chose a candidate that its owner, having seen an earlier one,
-    had deleted). Workers' clocks must agree to well under the time a run takes to create, as
-    NTP keeps them. The worker whose candidate becomes a new study's parent queues its starting
-    points.
+    (Workers' clocks must agree to well under the time a run takes to create, as NTP keeps
+    them.) The worker whose candidate becomes a new study's parent queues its starting points.
     """
     tune = params.tune
     recorded = study.user_attrs.get(PARENT_RUN_ATTR)
@@ -225,7 +221,6 @@ def shared_parent_run(study: optuna.Study, params: Params) -> str:
     ):
         return str(recorded)
     new_study = not study.get_trials(deepcopy=False)
-    started = time.monotonic()
     candidate = tracking.create_run(
         params.mlflow.experiment,
         run_name=f"sweep-{study.study_name}",
@@ -236,7 +231,6 @@ def shared_parent_run(study: optuna.Study, params: Params) -> str:
         },
         params=params,
     )
-    pause(2 * (time.monotonic() - started))
     # Younger than a grace period: not the parent of an earlier study of the same name.
     since = int((time.time() - tune.grace_seconds) * 1000)
     found = tracking.find_runs(
