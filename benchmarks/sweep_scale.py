@@ -20,12 +20,13 @@ does, and reports a drawn validation accuracy. Per worker count it writes:
 
 Writes benchmarks/results/sweep_scale.json. With `--pgbouncer 20` the workers reach the study's
 database through PgBouncer (transaction pooling, at most 20 server connections per database) and
-the figures go to benchmarks/results/sweep_scale_pgbouncer.json.
+the figures go to benchmarks/results/sweep_scale_pgbouncer.json (or --name).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -66,11 +67,12 @@ COUNT_FILE_ENV = "SWEEP_SCALE_COUNTS"  # where a worker writes its MLflow reques
 
 def worker() -> None:
     """One sweep worker, `pipeline.tune.main`, with the stand-in for the trial's process."""
-    import mlflow.utils.rest_utils as rest_utils
-
     from pipeline import tracking, tune
     from pipeline.stage_runner import run_stage
     from pipeline.trial_process import Epoch, TrialJob, TrialOutcome
+
+    # After the pipeline, as `python -m pipeline.tune` imports them: it sets MLflow's environment.
+    rest_utils = importlib.import_module("mlflow.utils.rest_utils")
 
     requests = [0]
     send = rest_utils.http_request
@@ -268,6 +270,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--trials-per-worker", type=int, default=3)
     parser.add_argument("--pgbouncer", type=int, metavar="POOL_SIZE", help="through PgBouncer")
+    parser.add_argument("--name", help="results/<name>.json (default: by --pgbouncer)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -307,8 +310,8 @@ def main() -> None:
         "pgbouncer_pool_size": args.pgbouncer,
         "rows": rows,
     }
-    name = "sweep_scale_pgbouncer.json" if args.pgbouncer else "sweep_scale.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    name = args.name or ("sweep_scale_pgbouncer" if args.pgbouncer else "sweep_scale")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 
