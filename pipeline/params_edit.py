@@ -43,13 +43,14 @@ def update_params_file(path: str | Path, values: Mapping[str, Any]) -> dict[str,
     editor.representer.add_representer(  # keep `null` written as `null`, not as nothing
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
     )
-    document = editor.load(path.read_text())
+    original = path.read_text()
+    document = editor.load(original)
     for dotted, value in values.items():
         set_dotted(document, dotted, value, str(path))
     text = StringIO()
     editor.dump(document, text)
     params_from_dict(yaml.safe_load(text.getvalue()), source=str(path))  # refuse a bad result
-    before = flatten(yaml.safe_load(path.read_text()) or {})
+    before = flatten(yaml.safe_load(original) or {})
     write_text(text.getvalue(), path)
     moved = {key: value for key, value in values.items() if before.get(key) != value}
     for key, value in moved.items():

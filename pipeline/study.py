@@ -117,10 +117,11 @@ class Storage(optuna.storages.RDBStorage):
         # check here takes one connection at a time.
         super().__init__(url, skip_compatibility_check=True, **kwargs)
         self.url = url
-        if (schema := self.get_current_version()) != self.get_head_version():
+        schema, head = self.get_current_version(), self.get_head_version()
+        if schema != head:
             raise PipelineError(
                 f"Optuna storage {redacted(url)} has schema {schema}, older or newer than "
-                f"Optuna {optuna.__version__}'s ({self.get_head_version()}); upgrade it with "
+                f"Optuna {optuna.__version__}'s ({head}); upgrade it with "
                 "`optuna storage upgrade --storage <url>`"
             )
         if url.startswith("sqlite"):
