@@ -4,16 +4,21 @@ failed trials, the study's one MLflow parent run, and the clean-up when a worker
 Called by the sweep worker (tune.py) only: it talks to the Optuna storage, and to MLflow (through
 tracking.py) to find or create the parent run and to end the runs of trials that died. Everything
 here uses Optuna's public API, so any number of workers, on any machines, can share one study
-(README: Scaling out).
+(README: Scaling out); the one decision that API has no call for, which worker creates the
+parent run, is made under a lock the database holds (study_lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import filelock
 import optuna
 import sqlalchemy
 import tenacity
@@ -35,7 +40,6 @@ from pipeline.stage_runner import pause
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
-CANDIDATE_TAG = "optuna.parent_candidate"  # on every worker's candidate for the parent run
 MAX_RETRIES = 3  # times a failed trial's values are queued again
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # The storage calls that are safe to repeat: reads, heartbeats, reported values, attributes.
@@ -204,46 +208,66 @@ def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
         ) from None
 
 
-def shared_parent_run(study: optuna.Study, params: Params) -> str:
-    """The study's MLflow parent run id, created once by whichever worker comes first.
+def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> str:
+    """The study's MLflow parent run id, created once.
 
-    The study's user attribute `mlflow_parent_run_id` names it once chosen. Until then each
-    worker creates a candidate run, tagged with the study, and looks in MLflow for the others
-    created within tune.grace_seconds: the earliest (by start time, then id) is every worker's
-    parent, the others delete their own, and each records the one choice in the study. No worker
-    waits on another; one that dies leaves at most a candidate, which settle deletes later.
-    (Workers' clocks must agree to well under the time a run takes to create, as NTP keeps
-    them.) The worker whose candidate becomes a new study's parent queues its starting points.
+    The study's user attribute `mlflow_parent_run_id` names it. The first worker to find none
+    (or one whose run was deleted) creates the run and records it while it holds the study's
+    lock, so workers starting at once agree on one parent; it also queues a new study's starting
+    points. Every later worker reads the attribute, and takes the lock only if it finds none.
     """
     tune = params.tune
-    recorded = study.user_attrs.get(PARENT_RUN_ATTR)
-    if recorded and tracking.find_runs(
-        params.mlflow.experiment, f"attributes.run_id = '{recorded}'"
-    ):
-        return str(recorded)
-    new_study = not study.get_trials(deepcopy=False)
-    candidate = tracking.create_run(
-        params.mlflow.experiment,
-        run_name=f"sweep-{study.study_name}",
-        tags={
-            "optuna.study": study.study_name,
-            "optuna.storage": redacted(storage_url(tune)),
-            CANDIDATE_TAG: "true",
-        },
-        params=params,
-    )
-    # Younger than a grace period: not the parent of an earlier study of the same name.
-    since = int((time.time() - tune.grace_seconds) * 1000)
-    found = tracking.find_runs(
-        params.mlflow.experiment, f"{candidates_of(study)} and attributes.start_time >= {since}"
-    )
-    winner = found[0] if found else candidate
-    if candidate != winner:
-        tracking.delete_runs(params.mlflow.experiment, f"attributes.run_id = '{candidate}'")
-    elif new_study:
-        queue_starting_points(study, params)
-    study.set_user_attr(PARENT_RUN_ATTR, winner)  # the same value from every worker
-    return winner
+
+    def recorded() -> str | None:
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        alive = run_id and tracking.find_runs(
+            params.mlflow.experiment, f"attributes.run_id = '{run_id}'"
+        )
+        return str(run_id) if alive else None
+
+    if found := recorded():
+        return found
+    with study_lock(storage, study.study_name, tune.connect_seconds):
+        if found := recorded():  # another worker created it while this one waited
+            return found
+        run_id = tracking.create_run(
+            params.mlflow.experiment,
+            run_name=f"sweep-{study.study_name}",
+            tags={"optuna.study": study.study_name, "optuna.storage": redacted(storage_url(tune))},
+            params=params,
+        )
+        if not study.get_trials(deepcopy=False):
+            queue_starting_points(study, params)
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        return run_id
+
+
+@contextlib.contextmanager
+def study_lock(storage: Storage, study_name: str, seconds: float) -> Iterator[None]:
+    """Held by one worker at a time, for up to `seconds` of waiting: the study's one atomic
+    decision (its parent run), which Optuna's API has no call for. On PostgreSQL it is an
+    advisory lock of one transaction, polled for, so that waiting workers hold no connection
+    (through a pooler, they would starve the holder); on SQLite, whose workers share one
+    machine, a lock on a file beside the database. The database or the system releases the lock
+    of a worker that dies."""
+    if storage.engine.dialect.name == "sqlite":
+        path = f"{storage.engine.url.database}.lock"
+        with filelock.FileLock(path, timeout=seconds):
+            yield
+        return
+    deadline = time.monotonic() + seconds
+    take = sqlalchemy.text("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
+    while True:
+        with storage.engine.connect() as connection, connection.begin():
+            if connection.execute(take, {"key": f"optuna study {study_name}"}).scalar():
+                yield
+                return
+        if time.monotonic() > deadline:
+            raise PipelineError(
+                f"study {study_name!r}: another worker held its lock for over "
+                f"tune.connect_seconds = {seconds} s while choosing the parent run"
+            )
+        pause(random.uniform(0.05, 0.25))
 
 
 def queue_starting_points(study: optuna.Study, params: Params) -> None:
@@ -275,29 +299,14 @@ def queue_starting_points(study: optuna.Study, params: Params) -> None:
     log.info("queued %d starting points: params.yaml's values and tune.enqueue", len(points))
 
 
-def candidates_of(study: optuna.Study) -> str:
-    """An MLflow filter for the study's parent-run candidates."""
-    return f"tags.`{CANDIDATE_TAG}` = 'true' and tags.`optuna.study` = '{study.study_name}'"
-
-
-def settle(study: optuna.Study, params: Params, parent_run_id: str) -> None:
+def settle(study: optuna.Study, params: Params) -> None:
     """Once this worker starts no more trials: ends what a dead worker left behind.
 
     Waits (at most grace_seconds and two heartbeats) while trials are RUNNING, failing those
     whose heartbeat stopped; a live worker's trial simply finishes meanwhile, or is left to it.
-    A retry still WAITING in a full study is not needed: it is failed with that reason. Parent
-    run candidates left by a worker that died before deleting its own are deleted, once they
-    are grace_seconds old (a younger one may belong to a worker that is still deciding) and
-    if no run is nested under them (the parent of an earlier study of the same name stays).
+    A retry still WAITING in a full study is not needed: it is failed with that reason.
     """
-    tune, experiment = params.tune, params.mlflow.experiment
-    created_before = int((time.time() - tune.grace_seconds) * 1000)
-    old = f"{candidates_of(study)} and attributes.start_time < {created_before}"
-    for candidate in tracking.find_runs(experiment, old):  # an earlier parent has children
-        if candidate != parent_run_id and not tracking.find_runs(
-            experiment, f"tags.`mlflow.parentRunId` = '{candidate}'"
-        ):
-            tracking.delete_runs(experiment, f"attributes.run_id = '{candidate}'")
+    tune = params.tune
     deadline = time.monotonic() + tune.grace_seconds + 2 * tune.heartbeat_seconds
     running = (optuna.trial.TrialState.RUNNING,)
     while study.get_trials(deepcopy=False, states=running) and time.monotonic() < deadline:

@@ -318,21 +318,6 @@ def find_runs(experiment: str, filter_string: str) -> list[str]:
     return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
 
 
-def delete_runs(experiment: str, filter_string: str, keep: str | None = None) -> None:
-    """Deletes the runs of `experiment` that match `filter_string`, except `keep`. A user not
-    allowed to delete them (MLflow's basic auth) gets a warning: they are only clutter."""
-    client = MlflowClient()
-    try:
-        found = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([found.experiment_id], filter_string) if found else []
-        for run in runs:
-            if run.info.run_id != keep:
-                client.delete_run(run.info.run_id)
-                log.info("deleted MLflow run %s (%s)", run.info.run_id, filter_string)
-    except MlflowException as error:
-        log.warning("could not delete runs where %s: %s", filter_string, error_line(error))
-
-
 def backfill_history(run_id: str, history: Mapping[str, list[float]]) -> None:
     """Logs the epochs of `history` that the run lacks (a run killed between checkpoint and log)."""
     client = MlflowClient()

@@ -278,7 +278,7 @@ def sweep(params: Params) -> dict[str, Any]:
     tracking.wait_for_store(tune.connect_seconds)
     tracking.check_access()  # before the study: a refused worker stores nothing
     study, storage = open_study(tune)
-    parent_run_id = shared_parent_run(study, params)
+    parent_run_id = shared_parent_run(study, storage, params)
     with tracking.tracked_run(params.mlflow.experiment, run_id=parent_run_id):
         full = is_full(study, tune.n_trials)
         log.info(
@@ -289,7 +289,7 @@ def sweep(params: Params) -> dict[str, Any]:
             for split in ("train", "validation"):  # before any trial: one clear error
                 split_files(params.paths.prepared, split)
             run_trials(study, storage, params, parent_run_id)
-        settle(study, params, parent_run_id)
+        settle(study, params)
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise PipelineError(
                 f"study {study.study_name!r} has no complete trial yet; "

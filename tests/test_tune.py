@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -353,38 +354,62 @@ def test_the_best_values_go_into_params_yaml_keeping_everything_else(tmp_path: P
     assert result.returncode == 0, result.stderr
 
 
-def test_a_worker_that_died_while_creating_the_parent_run_blocks_nobody(tmp_path: Path) -> None:
-    """A worker died after creating its parent-run candidate, another one a minute earlier, and
-    an earlier study of the same name left its parent: the next worker takes the recent
-    candidate as the parent and deletes its own. Candidates older than tune.grace_seconds are
-    never chosen; the orphan is deleted, the earlier parent, with its trial, stays. The storage
-    holds the user's study alone."""
+ELECT = """
+from pipeline.config import load_params
+from pipeline.study import open_study, shared_parent_run
+params = load_params()
+study, storage = open_study(params.tune)
+print(shared_parent_run(study, storage, params))
+"""
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_workers_starting_at_once_agree_on_one_parent_run(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
+    """Four workers start on a new study at the same moment: all take the same parent run, the
+    only one of the study in MLflow, and the study's starting point is queued once. A parent
+    run deleted by hand is replaced by the next worker. The storage holds the user's study alone."""
     from mlflow import MlflowClient
 
-    project, env = sweep_project(tmp_path, n_trials=1, epochs=1, grace_seconds=30)
+    project, env = sweep_project(tmp_path, n_trials=1, epochs=1)
+    if database == "postgresql":
+        env["OPTUNA_STORAGE"] = request.getfixturevalue("postgres").create_database("elect")
+    storage = env.get("OPTUNA_STORAGE", f"sqlite:///{project / 'optuna.db'}")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    experiment = client.create_experiment(
-        "cifar10-cnn", artifact_location=(project / "mlruns").as_uri()
+    client.create_experiment("cifar10-cnn", artifact_location=(project / "mlruns").as_uri())
+    optuna.create_study(storage=storage, study_name=STUDY, direction="maximize")
+
+    def elect(count: int) -> set[str]:
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", ELECT],
+                cwd=project,
+                env=run_env(**env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(count)
+        ]
+        outputs = [worker.communicate(timeout=120) for worker in workers]
+        assert all(worker.returncode == 0 for worker in workers), outputs[0][1][-3000:]
+        return {out.strip() for out, _ in outputs}
+
+    chosen = elect(4)
+    assert len(chosen) == 1
+    parents = client.search_runs(
+        [client.get_experiment_by_name("cifar10-cnn").experiment_id],
+        f"tags.`optuna.study` = '{STUDY}'",
     )
-    tags = {"optuna.study": STUDY, "optuna.parent_candidate": "true"}
-    now = time.time()
-    earlier_study, orphan, claimed = (
-        client.create_run(
-            experiment, run_name=f"sweep-{STUDY}", tags=tags, start_time=int(start * 1000)
-        ).info.run_id
-        for start in (now - 3600, now - 60, now)
-    )  # fmt: skip
-    client.create_run(experiment, tags={"mlflow.parentRunId": earlier_study})  # its trial
-    result = run(["python", "-m", "pipeline.tune"], project, **env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _, parents, children = mlflow_runs(project)
-    assert sorted(p.info.run_id for p in parents) == sorted([claimed, earlier_study])
-    assert client.get_run(orphan).info.lifecycle_stage == "deleted"
-    nested = {c.info.run_name: c.data.tags["mlflow.parentRunId"] for c in children}
-    assert nested["trial-0"] == claimed and len(nested) == 2
-    assert load(project).user_attrs["mlflow_parent_run_id"] == claimed
-    summaries = optuna.get_all_study_summaries(f"sqlite:///{project / 'optuna.db'}")
-    assert [s.study_name for s in summaries] == [STUDY]
+    assert [run.info.run_id for run in parents] == list(chosen)
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    assert study.user_attrs["mlflow_parent_run_id"] in chosen
+    assert [t.user_attrs["starting_point"] for t in study.trials] == ["params.yaml"]
+    client.delete_run(next(iter(chosen)))
+    replaced = elect(1)
+    assert len(replaced) == 1 and replaced != chosen
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == [STUDY]
 
 
 def test_a_two_objective_sweep_draws_its_pareto_front_and_hands_back_any_trial(
