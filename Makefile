@@ -61,13 +61,13 @@ reproduce: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pipeline.reproduce $(RUN)
 
 # The Optuna sweep (sweep/dvc.yaml); never part of `make repro`. Then `make handback` writes the
-# best values into params.yaml (`make handback TRIAL=N`: trial N's), and `make repro` trains and
+# best values into params.yaml, and `make repro` trains and
 # evaluates that configuration.
 tune: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro sweep/dvc.yaml
 
 handback: $(STAMP)
-	PATH="$(BIN):$$PATH" python -m pipeline.handback $(if $(TRIAL),--trial $(TRIAL))
+	PATH="$(BIN):$$PATH" python -m pipeline.handback
 
 # optuna-dashboard on the sweep's study (tune.storage, or OPTUNA_STORAGE): `make dashboard PORT=8080`.
 dashboard: $(STAMP)

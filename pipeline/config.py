@@ -204,8 +204,6 @@ class TuneParams(Section):
     timeout: Annotated[Number, Field(gt=0)] | None
     epochs: Annotated[Int, Field(gt=0)]
     train_fraction: Annotated[Number, Field(gt=0, le=1)]
-    # What a trial scores: validation accuracy, or also its training seconds (multi-objective).
-    objectives: Literal["val_accuracy", "val_accuracy+fit_seconds"]
     sampler: Literal["tpe", "random"]
     seed: Annotated[Int, Field(ge=0)]
     pruner: Literal["median", "successive_halving", "hyperband", "none"]
@@ -218,19 +216,6 @@ class TuneParams(Section):
     space: Annotated[dict[str, Dimension], Field(min_length=1)]  # by dotted key: train.momentum
     # Starting points queued after params.yaml's own values: dotted tune.space keys to values.
     enqueue: tuple[dict[str, StrictBool | StrictInt | Number | StrictStr | None], ...]
-
-    @property
-    def multi_objective(self) -> bool:
-        return self.objectives != "val_accuracy"
-
-    @model_validator(mode="after")
-    def _no_pruning_of_several_objectives(self) -> TuneParams:
-        if self.multi_objective and self.pruner != "none":
-            raise ValueError(
-                f"pruner {self.pruner!r} cannot be used with objectives {self.objectives!r}: "
-                "Optuna does not prune multi-objective studies; set tune.pruner: none"
-            )
-        return self
 
     @model_validator(mode="after")
     def _grace_outlasts_a_heartbeat(self) -> TuneParams:

@@ -189,7 +189,7 @@ def open_study(params: TuneParams) -> tuple[optuna.Study, Storage]:
         study = optuna.create_study(
             storage=storage,
             study_name=params.study_name,
-            directions=["maximize", "minimize"] if params.multi_objective else ["maximize"],
+            direction="maximize",
             sampler=make_sampler(params),
             pruner=make_pruner(params),
             load_if_exists=True,

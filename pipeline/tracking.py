@@ -232,22 +232,9 @@ def get_run(run_id: str) -> Run:
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
+    """Tags the active run, as a batch: two sweep workers may tag the shared parent run at once,
+    and MLflow's batch write retries the insert that loses the race, where `set_tag` fails."""
     mlflow.set_tags(dict(tags))
-
-
-def set_description(markdown: str) -> None:
-    """The active run's description, which the MLflow UI shows at the top of the run.
-
-    Written as a batch: two sweep workers may describe the shared parent run at once, and
-    MLflow's batch write retries the insert that loses the race, where `set_tag` fails."""
-    mlflow.set_tags({"mlflow.note.content": markdown})
-
-
-def run_link(run_id: str) -> str:
-    """A link to a run of the active run's experiment, as the MLflow UI routes it."""
-    active = mlflow.active_run()
-    assert active is not None, "run_link needs an active run"
-    return f"#/experiments/{active.info.experiment_id}/runs/{run_id}"
 
 
 def flat_params(params: Params) -> dict[str, Any]:

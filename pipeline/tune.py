@@ -103,7 +103,7 @@ class Objective:
         self.number: int | None = None  # the trial in hand
         self.unstored_run_id: str | None = None  # its run, until Optuna has stored its result
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def __call__(self, trial: optuna.Trial) -> float:
         self.number, self.unstored_run_id = trial.number, None
         try:
             return self.run(trial)
@@ -114,7 +114,7 @@ class Objective:
                 f"{error_line(error)}; this worker stops"
             ) from None
 
-    def run(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def run(self, trial: optuna.Trial) -> float:
         stop_point()  # a signal came as Optuna started this trial: hand it back at once
         previous_run = trial.user_attrs.get("mlflow_run_id")  # a retry inherits its attributes
         if previous_run:
@@ -163,16 +163,11 @@ class Objective:
                 raise FAILURES[outcome.state](f"trial {trial.number}: {outcome.reason}")
             tracking.set_tags({"optuna.state": "COMPLETE"})
             tracking.log_summary({"objective_val_accuracy": outcome.value})
-        if self.params.tune.multi_objective:
-            return outcome.value, outcome.fit_seconds
         return outcome.value
 
     def judge(self, trial: optuna.Trial, epoch: Epoch) -> bool:
-        """Reports an epoch to Optuna (retried through a database restart); True: prune.
-        A multi-objective study takes no reports: Optuna cannot prune it."""
+        """Reports an epoch to Optuna (retried through a database restart); True: prune."""
         trial.set_user_attr("epochs", epoch.epoch)
-        if self.params.tune.multi_objective:
-            return False
         trial.report(epoch.val_accuracy, step=epoch.epoch)
         return bool(trial.should_prune())
 

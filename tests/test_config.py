@@ -191,11 +191,6 @@ def test_bad_params_fail_before_any_download(
             "tune: grace_seconds (10) must exceed heartbeat_seconds (30)",
         ),
         (
-            lambda p: p["tune"].update(objectives="val_accuracy+fit_seconds"),
-            "tune: pruner 'median' cannot be used with objectives 'val_accuracy+fit_seconds': "
-            "Optuna does not prune multi-objective studies; set tune.pruner: none",
-        ),
-        (
             lambda p: p["tune"].update(enqueue=[{"train.schedule": "step"}]),
             "tune.enqueue[0].train.schedule = 'step': tune.space allows one of "
             "['time_decay', 'cosine', 'one_cycle']",

@@ -48,23 +48,21 @@ def test_a_run_ends_finished_failed_or_killed(store: MlflowClient) -> None:
     assert store.get_run(run.info.run_id).info.status == "FINISHED"
 
 
-def _describe_each(uri: str, run_ids: list[str], barrier: Any, errors: Any) -> None:
-    """A sweep worker's last writes: it describes each shared run in step with another."""
+def _tag_each(uri: str, run_ids: list[str], barrier: Any, errors: Any) -> None:
+    """A sweep worker's last writes: it tags each shared run in step with another."""
     mlflow.set_tracking_uri(uri)
     for run_id in run_ids:
         with mlflow.start_run(run_id=run_id):
             barrier.wait(timeout=60)
             try:
-                tracking.set_description(f"written by {os.getpid()}")
+                tracking.set_tags({"best.trial": str(os.getpid())})
                 tracking.end_abandoned_run(run_id, "FAILED", "its worker died")
             except Exception as error:  # reported to the test, which names it
                 errors.put(f"{type(error).__name__}: {error}")
 
 
-def test_workers_describing_one_run_at_once_both_succeed(
-    store: MlflowClient, tmp_path: Path
-) -> None:
-    # Two workers that finish together write the parent run's description (a tag that does not
+def test_workers_tagging_one_run_at_once_both_succeed(store: MlflowClient, tmp_path: Path) -> None:
+    # Two workers that finish together tag the parent run with the best values (tags that do not
     # exist yet) at the same moment; MLflow's single-tag write fails the insert that loses.
     experiment = store.create_experiment("shared")
     runs = [store.create_run(experiment).info.run_id for _ in range(10)]
@@ -72,7 +70,7 @@ def test_workers_describing_one_run_at_once_both_succeed(
     barrier, errors = context.Barrier(2), context.Queue()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     workers = [
-        context.Process(target=_describe_each, args=(uri, runs, barrier, errors)) for _ in range(2)
+        context.Process(target=_tag_each, args=(uri, runs, barrier, errors)) for _ in range(2)
     ]
     for worker in workers:
         worker.start()
@@ -82,7 +80,7 @@ def test_workers_describing_one_run_at_once_both_succeed(
     assert errors.empty(), errors.get()
     for run_id in runs:
         tags = store.get_run(run_id).data.tags
-        assert tags["mlflow.note.content"].startswith("written by ")
+        assert tags["best.trial"].isdigit()
         assert tags["optuna.state"] == "FAIL"
 
 
