@@ -15,6 +15,11 @@ does, and reports a drawn validation accuracy. Per worker count it writes:
 - MLflow requests per second (counted in each worker's MLflow client);
 - errors (tracebacks in the workers' output), lost trials (RUNNING or WAITING at the end, or a
   finished trial without exactly one FINISHED run) and duplicated ones (two runs for a trial).
+- parent runs in the sweep's MLflow experiment (1: every worker chose the same one) and trial
+  runs nested under any run that is not one of them.
+
+`--mlflow-workers N` starts the MLflow server with N workers, each with a database pool of 20 +
+20 connections (MLFLOW_SQLALCHEMYSTORE_POOL_SIZE, MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW).
 
     python benchmarks/sweep_scale.py --workers 1 8 32 64 --trials-per-worker 3
 
@@ -223,6 +228,8 @@ def measure(
     lost = [t.number for t in trials_ if t.state in (State.RUNNING, State.WAITING)]
     lost += [t.number for t in finished if finished_runs.get(f"trial-{t.number}", 0) == 0]
     duplicated = [name for name, count in finished_runs.items() if count > 1]
+    parents = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    nested_under = {r.data.tags.get("mlflow.parentRunId") for r in runs} - {None}
     requests = sum(int(f.read_text()) for f in counts.glob("*.txt"))
 
     def percentile(values: list[float], share: float) -> float:
@@ -262,6 +269,8 @@ def measure(
         ],
         "lost_trials": lost,
         "duplicated_trials": duplicated,
+        "parent_runs": len(parents),  # 1: every worker chose the same parent
+        "trial_runs_nested_under_other_runs": len(nested_under - parents),
     }
 
 
@@ -270,6 +279,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--trials-per-worker", type=int, default=3)
     parser.add_argument("--pgbouncer", type=int, metavar="POOL_SIZE", help="through PgBouncer")
+    parser.add_argument("--mlflow-workers", type=int, default=1, help="the MLflow server's")
     parser.add_argument("--name", help="results/<name>.json (default: by --pgbouncer)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,7 +291,15 @@ def main() -> None:
     bouncer, port = start_pgbouncer(postgres, args.pgbouncer) if args.pgbouncer else (None, None)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        server = start_mlflow_server(postgres.create_database("mlflow"), tmp_path / "artifacts")
+        # With more server workers, each gets a database pool of 20 + 20 (sweep/README, item 2).
+        pool = {
+            "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "20",
+            "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "20",
+        }
+        server = start_mlflow_server(
+            postgres.create_database("mlflow"), tmp_path / "artifacts", args.mlflow_workers,
+            **(pool if args.mlflow_workers > 1 else {}),
+        )  # fmt: skip
         try:
             archive = write_python_archive(tmp_path / "cifar.tar.gz", make_tiny_cifar())
             project = copy_project(tmp_path / "project")
@@ -306,7 +324,7 @@ def main() -> None:
         "benchmark": "sweep_scale",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "mlflow_server_workers": 1,
+        "mlflow_server_workers": args.mlflow_workers,
         "pgbouncer_pool_size": args.pgbouncer,
         "rows": rows,
     }

@@ -512,9 +512,12 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
         time.sleep(0.5)
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
+def start_mlflow_server(
+    backend_uri: str, artifacts: Path, workers: int = 1, **settings: str
+) -> MlflowServer:
     """`mlflow server --app-name basic-auth` on 127.0.0.1, as the README's recipe starts it,
-    with a user for the workers (users live in their own SQLite file beside the artifacts)."""
+    with a user for the workers (users live in their own SQLite file beside the artifacts).
+    `settings`: more of the server's environment (its database pool's size, say)."""
     port = free_port()
     config = artifacts.parent / f"mlflow-auth-{port}.ini"
     config.write_text(
@@ -525,13 +528,14 @@ def start_mlflow_server(backend_uri: str, artifacts: Path) -> MlflowServer:
     command = [
         "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", backend_uri,
         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1",
+        "--workers", str(workers),
     ]  # fmt: skip
     env = run_env(
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
         MLFLOW_AUTH_CONFIG_PATH=str(config),
         MLFLOW_AUTH_ADMIN_PASSWORD=MLFLOW_ADMIN_PASSWORD,
         MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key",
+        **settings,
     )
     url = f"http://127.0.0.1:{port}"
     process = _start_mlflow_process(command, env)
