@@ -15,6 +15,8 @@ does, and reports a drawn validation accuracy. Per worker count it writes:
 - MLflow requests per second (counted in each worker's MLflow client);
 - errors (tracebacks in the workers' output), lost trials (RUNNING or WAITING at the end, or a
   finished trial without exactly one FINISHED run) and duplicated ones (two runs for a trial).
+- CPU seconds per finished trial of the workers, the MLflow server, PostgreSQL and PgBouncer
+  (every process shares this machine's cores, so this says where they went);
 - parent runs in the sweep's MLflow experiment (1: every worker chose the same one) and trial
   runs nested under any run that is not one of them.
 
@@ -36,6 +38,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -121,6 +124,32 @@ def connections(postgres: Any, database: str | None) -> int:
     return int(count)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds of a server process and its children, live or ended (a PostgreSQL backend
+    that closed its connection counts in its postmaster's children times)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    times = process.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in process.children(recursive=True):
+        try:
+            child_times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += child_times.user + child_times.system
+    return total
+
+
+def server_pids(postgres: Any, server: Any, bouncer: Any) -> dict[str, int]:
+    """The processes whose CPU the benchmark reports beside the workers'."""
+    postmaster = int((postgres.base / "data" / "postmaster.pid").read_text().split()[0])
+    pids = {"mlflow_server": server.process.pid, "postgres": postmaster}
+    if bouncer is not None:
+        pids["pgbouncer"] = bouncer.pid
+    return pids
+
+
 def start_pgbouncer(postgres: Any, pool_size: int) -> tuple[subprocess.Popen[bytes], int]:
     """PgBouncer before `postgres` in transaction pooling: each database gets at most
     `pool_size` server connections, however many clients connect. Returns it and its port."""
@@ -152,9 +181,16 @@ def start_pgbouncer(postgres: Any, pool_size: int) -> tuple[subprocess.Popen[byt
 
 
 def measure(
-    postgres: Any, server: Any, project: Path, workers: int, trials: int, port: int | None
+    postgres: Any,
+    server: Any,
+    project: Path,
+    workers: int,
+    trials: int,
+    port: int | None,
+    pids: dict[str, int],
 ) -> dict[str, Any]:
-    """One sweep of `workers` workers to `trials` trials; `port`: PgBouncer's, or None."""
+    """One sweep of `workers` workers to `trials` trials; `port`: PgBouncer's, or None.
+    `pids`: the servers whose CPU seconds to report, by name."""
     import optuna
 
     database = f"scale_{workers}"
@@ -191,6 +227,9 @@ def measure(
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = children.ru_utime + children.ru_stime
     started = time.monotonic()
     processes = []
     for number in range(workers):
@@ -209,6 +248,9 @@ def measure(
     wall = time.monotonic() - started
     done.set()
     poller.join()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {"workers": children.ru_utime + children.ru_stime - workers_cpu}
+    cpu |= {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
 
     study = optuna.load_study(study_name=STUDY, storage=storage)
     trials_ = study.get_trials()
@@ -250,6 +292,10 @@ def measure(
         "peak_postgres_connections_study": peaks["study"],
         "peak_postgres_connections_all": peaks["all"],
         "polls_refused_at_max_connections": peaks.get("refused", 0),
+        # Per finished trial, each worker's start and end included: where the 2 cores went.
+        "cpu_seconds_per_trial": {
+            name: round(seconds / max(len(finished), 1), 2) for name, seconds in cpu.items()
+        },
         "mlflow_requests": requests,
         "mlflow_requests_per_second": round(requests / wall, 1),
         "worker_exit_codes": sorted({p.returncode for p in processes}),
@@ -310,7 +356,8 @@ def main() -> None:
             rows = []
             for workers in args.workers:
                 trials = workers * args.trials_per_worker
-                row = measure(postgres, server, project, workers, trials, port)
+                pids = server_pids(postgres, server, bouncer)
+                row = measure(postgres, server, project, workers, trials, port, pids)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
