@@ -80,12 +80,12 @@ def write_outputs(study: optuna.Study, params: Params) -> dict[str, Any]:
     plots = draw_plots(study, paths.sweep_plots)
     best = best_trial_report(study)
     write_text(yaml.safe_dump(best, sort_keys=False), paths.best_params)
-    tracking.log_summary({"best_val_accuracy": best["val_accuracy"], "best_trial": best["trial"]})
-    tracking.set_tags(
-        {
+    tracking.log_summary(
+        {"best_val_accuracy": best["val_accuracy"], "best_trial": best["trial"]},
+        tags={
             f"best.{name}": f"{value:.6g}" if isinstance(value, float) else str(value)
             for name, value in best["params"].items()
-        }
+        },
     )
     tracking.log_artifacts([paths.trials, paths.best_params])
     tracking.log_artifacts(plots, "plots")

@@ -271,9 +271,17 @@ def epoch_logger(run_id: str | None = None) -> keras.callbacks.Callback:
     )
 
 
-def log_summary(metrics: Mapping[str, float]) -> None:
-    """Figures that belong to the run rather than to an epoch (best epoch, test scores)."""
-    mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+def log_summary(metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> None:
+    """Figures that belong to the active run rather than to an epoch (best epoch, test scores),
+    with any `tags`, in one request."""
+    run = mlflow.active_run()
+    assert run is not None, "log_summary needs an active run"
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run.info.run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+        tags=[RunTag(key, value) for key, value in (tags or {}).items()],
+    )
 
 
 def end_abandoned_run(run_id: str, status: str = "KILLED", reason: str | None = None) -> None:

@@ -125,7 +125,11 @@ class Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         values = suggest(trial, self.params)
         params = with_values(self.params, trial_values(self.params, values))
-        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+        tags = {
+            "optuna.study": trial.study.study_name,
+            "optuna.trial": str(trial.number),
+            "optuna.state": "RUNNING",
+        }
         with tracking.tracked_run(
             params.mlflow.experiment,
             run_name=f"trial-{trial.number}",
@@ -136,7 +140,6 @@ class Objective:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             self.unstored_run_id = run.info.run_id
             tracking.log_params(params)
-            tracking.set_tags({"optuna.state": "RUNNING"})
             job = TrialJob(
                 params, trial.number, tracking.tracking_uri(), run.info.run_id, os.getcwd()
             )
@@ -161,8 +164,9 @@ class Objective:
             if outcome.state != "complete" or outcome.value is None:
                 self.fail(trial, outcome.reason.strip().splitlines()[-1])
                 raise FAILURES[outcome.state](f"trial {trial.number}: {outcome.reason}")
-            tracking.set_tags({"optuna.state": "COMPLETE"})
-            tracking.log_summary({"objective_val_accuracy": outcome.value})
+            tracking.log_summary(
+                {"objective_val_accuracy": outcome.value}, tags={"optuna.state": "COMPLETE"}
+            )
         return outcome.value
 
     def judge(self, trial: optuna.Trial, epoch: Epoch) -> bool:
