@@ -251,23 +251,25 @@ def study_lock(storage: Storage, study_name: str, seconds: float) -> Iterator[No
     machine, a lock on a file beside the database. The database or the system releases the lock
     of a worker that dies."""
     if storage.engine.dialect.name == "sqlite":
-        path = f"{storage.engine.url.database}.lock"
-        with filelock.FileLock(path, timeout=seconds):
-            yield
-        return
-    deadline = time.monotonic() + seconds
-    take = sqlalchemy.text("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
-    while True:
-        with storage.engine.connect() as connection, connection.begin():
-            if connection.execute(take, {"key": f"optuna study {study_name}"}).scalar():
+        try:
+            with filelock.FileLock(f"{storage.engine.url.database}.lock", timeout=seconds):
                 yield
-                return
-        if time.monotonic() > deadline:
-            raise PipelineError(
-                f"study {study_name!r}: another worker held its lock for over "
-                f"tune.connect_seconds = {seconds} s while choosing the parent run"
-            )
-        pause(random.uniform(0.05, 0.25))
+            return
+        except filelock.Timeout:
+            pass
+    else:
+        deadline = time.monotonic() + seconds
+        take = sqlalchemy.text("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
+        while time.monotonic() < deadline:
+            with storage.engine.connect() as connection, connection.begin():
+                if connection.execute(take, {"key": f"optuna study {study_name}"}).scalar():
+                    yield
+                    return
+            pause(random.uniform(0.05, 0.25))
+    raise PipelineError(
+        f"study {study_name!r}: another worker held its lock for over "
+        f"tune.connect_seconds = {seconds} s while choosing the parent run"
+    )
 
 
 def queue_starting_points(study: optuna.Study, params: Params) -> None:
