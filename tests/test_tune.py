@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import filelock
 import optuna
+import psycopg
 import pytest
 import yaml
 
@@ -364,10 +367,11 @@ def test_workers_starting_at_once_agree_on_one_parent_run(
 ) -> None:
     """Four workers start on a new study at the same moment: all take the same parent run, the
     only one of the study in MLflow, and the study's starting point is queued once. A parent
-    run deleted by hand is replaced by the next worker. The storage holds the user's study alone."""
+    run deleted by hand is replaced by the next worker; one that cannot take the study's lock
+    in time says so. The storage holds the user's study alone."""
     from mlflow import MlflowClient
 
-    project, env = sweep_project(tmp_path, n_trials=1, epochs=1)
+    project, env = sweep_project(tmp_path, n_trials=1, epochs=1, connect_seconds=5)
     if database == "postgresql":
         env["OPTUNA_STORAGE"] = request.getfixturevalue("postgres").create_database("elect")
     storage = env.get("OPTUNA_STORAGE", f"sqlite:///{project / 'optuna.db'}")
@@ -404,6 +408,22 @@ def test_workers_starting_at_once_agree_on_one_parent_run(
     client.delete_run(next(iter(chosen)))
     replaced = elect(1)
     assert len(replaced) == 1 and replaced != chosen
+    # A worker that cannot take the lock within tune.connect_seconds says so and stops.
+    client.delete_run(next(iter(replaced)))
+    with contextlib.ExitStack() as held:
+        if database == "sqlite":
+            held.enter_context(filelock.FileLock(project / "optuna.db.lock"))
+        else:
+            connection = held.enter_context(psycopg.connect(storage))  # in a transaction
+            connection.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"optuna study {STUDY}"]
+            )
+        waited = subprocess.run(
+            [sys.executable, "-c", ELECT], cwd=project, env=run_env(**env),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert waited.returncode == 1
+    assert "held its lock for over tune.connect_seconds = 5 s" in waited.stderr, waited.stderr
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == [STUDY]
 
 
