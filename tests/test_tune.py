@@ -371,7 +371,7 @@ def test_workers_starting_at_once_agree_on_one_parent_run(
     in time says so. The storage holds the user's study alone."""
     from mlflow import MlflowClient
 
-    project, env = sweep_project(tmp_path, n_trials=1, epochs=1, connect_seconds=5)
+    project, env = sweep_project(tmp_path, n_trials=1, epochs=1)
     if database == "postgresql":
         env["OPTUNA_STORAGE"] = request.getfixturevalue("postgres").create_database("elect")
     storage = env.get("OPTUNA_STORAGE", f"sqlite:///{project / 'optuna.db'}")
@@ -391,8 +391,11 @@ def test_workers_starting_at_once_agree_on_one_parent_run(
             )
             for _ in range(count)
         ]
-        outputs = [worker.communicate(timeout=120) for worker in workers]
-        assert all(worker.returncode == 0 for worker in workers), outputs[0][1][-3000:]
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+        failed = [
+            err for worker, (_, err) in zip(workers, outputs, strict=True) if worker.returncode
+        ]
+        assert not failed, failed[0][-3000:]
         return {out.strip() for out, _ in outputs}
 
     chosen = elect(4)
@@ -410,6 +413,9 @@ def test_workers_starting_at_once_agree_on_one_parent_run(
     assert len(replaced) == 1 and replaced != chosen
     # A worker that cannot take the lock within tune.connect_seconds says so and stops.
     client.delete_run(next(iter(replaced)))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tune"]["connect_seconds"] = 5
+    write_params(project, params)
     with contextlib.ExitStack() as held:
         if database == "sqlite":
             held.enter_context(filelock.FileLock(project / "optuna.db.lock"))
