@@ -227,7 +227,9 @@ def shared_parent_run(study: optuna.Study, storage: Storage, params: Params) -> 
 
     if found := recorded():
         return found
-    with study_lock(storage, study.study_name, tune.connect_seconds):
+    # The holder may retry MLflow for up to connect_seconds; one silent past that and a grace
+    # period more is stuck (one that died has released the lock already).
+    with study_lock(storage, study.study_name, tune.connect_seconds + tune.grace_seconds):
         if found := recorded():  # another worker created it while this one waited
             return found
         run_id = tracking.create_run(
@@ -267,8 +269,8 @@ def study_lock(storage: Storage, study_name: str, seconds: float) -> Iterator[No
                     return
             pause(random.uniform(0.05, 0.25))
     raise PipelineError(
-        f"study {study_name!r}: another worker held its lock for over "
-        f"tune.connect_seconds = {seconds} s while choosing the parent run"
+        f"study {study_name!r}: another worker held its lock for over {seconds} s "
+        "(tune.connect_seconds + tune.grace_seconds) while choosing the parent run"
     )
 
 
