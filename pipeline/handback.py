@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def apply_best(params_file: Path, best_file: Path) -> dict[str, Any]:
-    """Sets the tuned keys of `params_file` to the values in `best_file`, rounded; returns them."""
+    """Sets the tuned keys of `params_file` to the values in `best_file`, rounded; returns them.
+    update_params_file refuses a key params.yaml lacks or a value out of range, naming it."""
     try:
         best = yaml.safe_load(best_file.read_text())
     except FileNotFoundError:
@@ -31,16 +32,10 @@ def apply_best(params_file: Path, best_file: Path) -> dict[str, Any]:
     found = best.get("params") if isinstance(best, dict) else None
     if not isinstance(found, dict):
         raise PipelineError(f"{best_file}: expected a 'params' mapping of dotted names to values")
-    return apply_values(params_file, found, str(best_file))
-
-
-def apply_values(params_file: Path, found: dict[str, Any], source: str) -> dict[str, Any]:
-    """Writes the values, rounded; update_params_file refuses a key params.yaml lacks or a
-    value out of range, naming it."""
     values = {str(name): value for name, value in found.items()}
     numbers = [v for v in values.values() if isinstance(v, float)]
     if not values or not all(math.isfinite(number) for number in numbers):
-        raise PipelineError(f"{source}: no usable values")
+        raise PipelineError(f"{best_file}: no usable values")
     values = {name: rounded(value) for name, value in values.items()}
     update_params_file(params_file, values)  # says what moved
     return values

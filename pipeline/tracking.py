@@ -305,12 +305,11 @@ def end_abandoned_run(run_id: str, status: str = "KILLED", reason: str | None = 
 
 
 def find_runs(experiment: str, filter_string: str) -> list[str]:
-    """Ids of the active runs of `experiment` that match `filter_string`, earliest first (by
-    start time, then id)."""
+    """Ids of the active runs of `experiment` that match `filter_string`."""
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], filter_string) if found else []
-    return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
+    return [r.info.run_id for r in runs]
 
 
 def backfill_history(run_id: str, history: Mapping[str, list[float]]) -> None:
