@@ -95,7 +95,7 @@ def tracked_run(
     run_id: str | None = None,
     run_name: str | None = None,
     *,
-    parent_run_id: str | None = None,
+    nested: bool = False,
     tags: Mapping[str, str] | None = None,
     finished_on: tuple[type[BaseException], ...] = (),
     system_metrics: bool = False,
@@ -105,16 +105,16 @@ def tracked_run(
 
     FINISHED on success or on an exception in `finished_on` (a pruned trial is not a failure),
     KILLED on Ctrl-C or SIGTERM (a KeyboardInterrupt from stage_runner.stop_point), FAILED on
-    any other exception. No run is left RUNNING. With `parent_run_id`, the run is nested under
-    it.
+    any other exception. No run is left RUNNING. A `nested` run goes under the active run, in
+    its experiment (no request to the server to find either).
     """
-    experiment_id = use_experiment(experiment)
+    parent = mlflow.active_run() if nested else None
+    experiment_id = parent.info.experiment_id if parent else use_experiment(experiment)
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,
         run_name=run_name,
-        nested=parent_run_id is not None,
-        parent_run_id=parent_run_id,
+        nested=nested,
         tags=dict(tags) if tags else None,
         log_system_metrics=system_metrics,
     ) as run:  # which ends it FINISHED, unless an exception below ended it first
@@ -164,14 +164,16 @@ def create_run(experiment: str, run_name: str, tags: Mapping[str, str], params: 
     return str(run.info.run_id)
 
 
-def retry_writes_for(seconds: float) -> None:
-    """Lets MLflow's own HTTP client retry a tracking server for about `seconds`.
+def prepare_sweep_client(seconds: float) -> None:
+    """A sweep worker's MLflow client: it retries a tracking server for about `seconds`, and
+    prints no link as each trial's run ends (MLflow reads the whole run back to print it).
 
     Its retries back off as 0, 1, 2, 4, ... seconds (backoff factor 1), so n retries wait about
     2 ** (n - 1) - 1 seconds in all. Variables the user set are kept."""
     retries = max(1, math.ceil(math.log2(seconds + 1)) + 1)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(min(retries, 10)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def check_access() -> None:

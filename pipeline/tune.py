@@ -97,9 +97,8 @@ class Objective:
     TrialFailed for one whose process died or whose MLflow writes gave up.
     """
 
-    def __init__(self, params: Params, parent_run_id: str) -> None:
+    def __init__(self, params: Params) -> None:
         self.params = params
-        self.parent_run_id = parent_run_id
         self.number: int | None = None  # the trial in hand
         self.unstored_run_id: str | None = None  # its run, until Optuna has stored its result
 
@@ -133,7 +132,7 @@ class Objective:
         with tracking.tracked_run(
             params.mlflow.experiment,
             run_name=f"trial-{trial.number}",
-            parent_run_id=self.parent_run_id,
+            nested=True,  # under the study's parent run, which sweep() holds open
             tags=tags,
             finished_on=(optuna.TrialPruned,),
         ) as run:
@@ -209,7 +208,7 @@ def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run_id: str) -> None:
+def run_trials(study: optuna.Study, storage: Storage, params: Params) -> None:
     """Runs trials until the study has tune.n_trials finished ones (or tune.timeout passes).
 
     Workers never wait on each other: each runs trials while the study is short, so the last
@@ -218,7 +217,7 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params, parent_run
     SIGTERM fails the trial in hand and queues it for the other workers.
     """
     tune = params.tune
-    objective = Objective(params, parent_run_id)
+    objective = Objective(params)
     deadline = None if tune.timeout is None else time.monotonic() + tune.timeout
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -273,7 +272,7 @@ def sweep(params: Params) -> dict[str, Any]:
     writing the outputs of what it has.
     """
     tune = params.tune
-    tracking.retry_writes_for(tune.connect_seconds)
+    tracking.prepare_sweep_client(tune.connect_seconds)
     tracking.wait_for_store(tune.connect_seconds)
     tracking.check_access()  # before the study: a refused worker stores nothing
     study, storage = open_study(tune)
@@ -287,7 +286,7 @@ def sweep(params: Params) -> dict[str, Any]:
         if not full:
             for split in ("train", "validation"):  # before any trial: one clear error
                 split_files(params.paths.prepared, split)
-            run_trials(study, storage, params, parent_run_id)
+            run_trials(study, storage, params)
         settle(study, params)
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise PipelineError(
