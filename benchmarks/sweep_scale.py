@@ -9,7 +9,11 @@ does, and reports a drawn validation accuracy. Per worker count it writes:
 
 - trials per minute (finished trials over the sweep's wall time, first worker start to last end);
 - coordination seconds per trial, p50 and p99: a trial's time in Optuna (start to finish) less
-  the stand-in's own sleep, i.e. everything that is not training;
+  the stand-in's own sleep, i.e. everything that is not training; over all trials, and over the
+  steady state: the trials that started after every worker had finished its first trial and
+  ended before any worker ran out of trials (every worker here shares this machine's cores, so
+  the others' start, about 10 s of imports each, and end, drawing the study's plots, starve the
+  trials beside them; on a cluster each worker has its own machine);
 - peak PostgreSQL connections (to the study's database, and in all), polled every 0.25 s (the
   throwaway cluster allows 200, max_connections; a poll refused there is counted);
 - MLflow requests per second (counted in each worker's MLflow client);
@@ -20,6 +24,8 @@ does, and reports a drawn validation accuracy. Per worker count it writes:
 - parent runs in the sweep's MLflow experiment (1: every worker chose the same one) and trial
   runs nested under any run that is not one of them.
 
+`--epoch-seconds LOW HIGH` is the range of the stand-in's drawn sleep per epoch (0.2-0.6 s by
+default; a real epoch of this network takes seconds on a GPU, minutes on a CPU).
 `--mlflow-workers N` starts the MLflow server with N workers, each with a database pool of 20 +
 20 connections (MLFLOW_SQLALCHEMYSTORE_POOL_SIZE, MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW).
 
@@ -71,6 +77,7 @@ from tests.helpers import (  # noqa: E402 - the tests' own server and data helpe
 
 RESULTS = Path(__file__).parent / "results"
 COUNT_FILE_ENV = "SWEEP_SCALE_COUNTS"  # where a worker writes its MLflow request count
+EPOCH_SECONDS_ENV = "SWEEP_SCALE_EPOCH_SECONDS"  # the stand-in's sleep per epoch: "LOW HIGH"
 
 
 def worker() -> None:
@@ -91,12 +98,13 @@ def worker() -> None:
 
     rest_utils.http_request = counted
     rng = random.Random(os.getpid())
+    low, high = map(float, os.environ[EPOCH_SECONDS_ENV].split())
 
     def stand_in(job: TrialJob, judge: Any, started: Any) -> TrialOutcome:
         started(os.getpid())
         slept, value = 0.0, 0.0
         for epoch in range(1, job.params.train.epochs + 1):
-            seconds = rng.uniform(0.2, 0.6)
+            seconds = rng.uniform(low, high)
             time.sleep(seconds)
             slept += seconds
             value = rng.uniform(0.1, 0.9)
@@ -188,9 +196,11 @@ def measure(
     trials: int,
     port: int | None,
     pids: dict[str, int],
+    epoch_seconds: tuple[float, float],
 ) -> dict[str, Any]:
     """One sweep of `workers` workers to `trials` trials; `port`: PgBouncer's, or None.
-    `pids`: the servers whose CPU seconds to report, by name."""
+    `pids`: the servers whose CPU seconds to report, by name; `epoch_seconds`: the stand-in's
+    range of sleep per epoch."""
     import optuna
 
     database = f"scale_{workers}"
@@ -209,7 +219,10 @@ def measure(
     params["tune"].update(n_trials=trials)
     write_params(project, params)
     counts = Path(tempfile.mkdtemp(prefix="scale-counts-"))
-    env = run_env(OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=server.url, **server.credentials())
+    env = run_env(
+        OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=server.url, **server.credentials(),
+        **{EPOCH_SECONDS_ENV: " ".join(map(str, epoch_seconds))},
+    )  # fmt: skip
 
     peaks = {"study": 0, "all": 0}
     done = threading.Event()
@@ -256,10 +269,22 @@ def measure(
     trials_ = study.get_trials()
     State = optuna.trial.TrialState
     finished = [t for t in trials_ if t.state in (State.COMPLETE, State.PRUNED)]
-    coordination = sorted(
-        (t.datetime_complete - t.datetime_start).total_seconds() - t.user_attrs["fit_seconds"]
-        for t in finished
-    )
+
+    def coordination_of(trial: optuna.trial.FrozenTrial) -> float:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        return float(seconds - trial.user_attrs["fit_seconds"])
+
+    coordination = sorted(map(coordination_of, finished))
+    # Steady state: after every worker's first trial ended, before any worker's last one did.
+    by_worker: dict[str, list[Any]] = {}
+    for trial in finished:
+        by_worker.setdefault(trial.user_attrs["worker"], []).append(trial.datetime_complete)
+    after = max(min(ends) for ends in by_worker.values())
+    before = min(max(ends) for ends in by_worker.values())
+    steady = sorted(
+        coordination_of(t) for t in finished
+        if t.datetime_start >= after and t.datetime_complete <= before
+    )  # fmt: skip
     client = server.client()
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], max_results=50_000)
@@ -286,6 +311,10 @@ def measure(
         "trials_per_minute": round(60 * len(finished) / wall, 1),
         "coordination_seconds_p50": round(percentile(coordination, 0.5), 3),
         "coordination_seconds_p99": round(percentile(coordination, 0.99), 3),
+        "steady_trials": len(steady),
+        "steady_coordination_seconds_p50": round(percentile(steady, 0.5), 3) if steady else None,
+        "steady_coordination_seconds_p99": round(percentile(steady, 0.99), 3) if steady else None,
+        "epoch_seconds": list(epoch_seconds),
         "stand_in_seconds_mean": round(
             statistics.mean(t.user_attrs["fit_seconds"] for t in finished), 3
         ),
@@ -325,6 +354,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--trials-per-worker", type=int, default=3)
     parser.add_argument("--pgbouncer", type=int, metavar="POOL_SIZE", help="through PgBouncer")
+    parser.add_argument(
+        "--epoch-seconds",
+        type=float,
+        nargs=2,
+        default=[0.2, 0.6],
+        metavar=("LOW", "HIGH"),
+        help="the stand-in's drawn sleep per epoch",
+    )
     parser.add_argument("--mlflow-workers", type=int, default=1, help="the MLflow server's")
     parser.add_argument("--name", help="results/<name>.json (default: by --pgbouncer)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -357,7 +394,10 @@ def main() -> None:
             for workers in args.workers:
                 trials = workers * args.trials_per_worker
                 pids = server_pids(postgres, server, bouncer)
-                row = measure(postgres, server, project, workers, trials, port, pids)
+                row = measure(
+                    postgres, server, project, workers, trials, port, pids,
+                    tuple(args.epoch_seconds),  # type: ignore[arg-type]
+                )  # fmt: skip
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
