@@ -121,14 +121,10 @@ def worker() -> None:
         Path(os.environ[COUNT_FILE_ENV]).write_text(str(requests[0]))
 
 
-def connections(postgres: Any, database: str | None) -> int:
+def connections(connection: Any, database: str | None) -> int:
     """Open connections to `database` (None: to any database), as pg_stat_activity says."""
-    import psycopg
-
     where = "datname is not null" if database is None else f"datname = '{database}'"
-    with psycopg.connect(postgres.url("postgres"), autocommit=True) as connection:
-        query = f"select count(*) from pg_stat_activity where {where}"
-        (count,) = connection.execute(query).fetchone()
+    (count,) = connection.execute(f"select count(*) from pg_stat_activity where {where}").fetchone()
     return int(count)
 
 
@@ -228,15 +224,24 @@ def measure(
     done = threading.Event()
 
     def poll() -> None:
+        # One connection for the whole sweep (a new one per poll costs PostgreSQL a backend
+        # each time, and would count in its CPU seconds), opened again if it is lost.
         import psycopg
 
+        connection = None
         while not done.is_set():
             try:
-                peaks["study"] = max(peaks["study"], connections(postgres, database))
-                peaks["all"] = max(peaks["all"], connections(postgres, None))
+                connection = connection or psycopg.connect(
+                    postgres.url("postgres"), autocommit=True
+                )
+                peaks["study"] = max(peaks["study"], connections(connection, database))
+                peaks["all"] = max(peaks["all"], connections(connection, None))
             except psycopg.OperationalError:  # "too many clients": max_connections is reached
                 peaks["refused"] = peaks.get("refused", 0) + 1
+                connection = None
             time.sleep(0.25)
+        if connection is not None:
+            connection.close()
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
