@@ -192,7 +192,7 @@ def measure(
     trials: int,
     port: int | None,
     pids: dict[str, int],
-    epoch_seconds: tuple[float, float],
+    epoch_seconds: list[float],
 ) -> dict[str, Any]:
     """One sweep of `workers` workers to `trials` trials; `port`: PgBouncer's, or None.
     `pids`: the servers whose CPU seconds to report, by name; `epoch_seconds`: the stand-in's
@@ -319,7 +319,7 @@ def measure(
         "steady_trials": len(steady),
         "steady_coordination_seconds_p50": round(percentile(steady, 0.5), 3) if steady else None,
         "steady_coordination_seconds_p99": round(percentile(steady, 0.99), 3) if steady else None,
-        "epoch_seconds": list(epoch_seconds),
+        "epoch_seconds": epoch_seconds,
         "stand_in_seconds_mean": round(
             statistics.mean(t.user_attrs["fit_seconds"] for t in finished), 3
         ),
@@ -400,9 +400,8 @@ def main() -> None:
                 trials = workers * args.trials_per_worker
                 pids = server_pids(postgres, server, bouncer)
                 row = measure(
-                    postgres, server, project, workers, trials, port, pids,
-                    tuple(args.epoch_seconds),  # type: ignore[arg-type]
-                )  # fmt: skip
+                    postgres, server, project, workers, trials, port, pids, args.epoch_seconds
+                )
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
