@@ -118,7 +118,7 @@ def audit(storage: str, study: str, client: Any, experiment: str) -> dict[str, A
             len(mine) != 1
             or mine[0].info.run_id != trial.user_attrs.get("mlflow_run_id")
             or mine[0].data.tags.get("optuna.state") != trial.state.name
-            or steps != list(range(1, trial.user_attrs.get("epochs", 0) + 1))
+            or steps != list(range(1, len(trial.intermediate_values) + 1))
         ):
             lost += 1
     return {

@@ -88,7 +88,7 @@ def run_sweep(side: str, seed: int, args: argparse.Namespace, workdir: Path) -> 
     return {
         "best_val_accuracy": best["val_accuracy"],
         "best_trial": best["trial"],
-        "epochs_trained": sum(t.user_attrs.get("epochs", 0) for t in trials),
+        "epochs_trained": sum(len(t.intermediate_values) for t in trials),
         "trials": {
             state: sum(t.state.name == state for t in trials)
             for state in ("COMPLETE", "PRUNED", "FAIL")

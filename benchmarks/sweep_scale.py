@@ -24,6 +24,7 @@ does, and reports a drawn validation accuracy. Per worker count it writes:
 - parent runs in the sweep's MLflow experiment (1: every worker chose the same one) and trial
   runs nested under any run that is not one of them.
 
+The study keeps params.yaml's heartbeat and grace period (30 s, 120 s), as a real sweep does.
 `--epoch-seconds LOW HIGH` is the range of the stand-in's drawn sleep per epoch (0.2-0.6 s by
 default; a real epoch of this network takes seconds on a GPU, minutes on a CPU).
 `--mlflow-workers N` starts the MLflow server with N workers, each with a database pool of 20 +
@@ -391,7 +392,12 @@ def main() -> None:
         try:
             archive = write_python_archive(tmp_path / "cifar.tar.gz", make_tiny_cifar())
             project = copy_project(tmp_path / "project")
-            params = tiny_params(archive, tune={**SWEEP, "epochs": 3, "pruner": "none"})
+            # The shipped heartbeat and grace period (not the tests' 1 s and 3 s): each
+            # heartbeat is a write, and a real sweep makes those.
+            shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["tune"]
+            liveness = {key: shipped[key] for key in ("heartbeat_seconds", "grace_seconds")}
+            tune = {**SWEEP, "epochs": 3, "pruner": "none", **liveness}
+            params = tiny_params(archive, tune=tune)
             write_params(project, params)
             prepared = run(["dvc", "repro", "preprocess"], project, CIFAR10_URL=str(archive))
             assert prepared.returncode == 0, prepared.stderr
@@ -417,6 +423,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "mlflow_server_workers": args.mlflow_workers,
         "pgbouncer_pool_size": args.pgbouncer,
+        "heartbeat_seconds": liveness["heartbeat_seconds"],
         "rows": rows,
     }
     name = args.name or ("sweep_scale_pgbouncer" if args.pgbouncer else "sweep_scale")

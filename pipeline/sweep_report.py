@@ -22,13 +22,23 @@ def trials_table(study: optuna.Study, tuned: list[str]) -> str:
     """Every trial as CSV: number, state, params, value (validation accuracy), duration (s),
     epochs run, reason."""
     frame = study.trials_dataframe(
-        attrs=("number", "state", "params", "value", "duration", "user_attrs")
+        attrs=(
+            "number",
+            "state",
+            "params",
+            "value",
+            "duration",
+            "intermediate_values",
+            "user_attrs",
+        )
     )
     if frame.empty:
         return ""
     frame["duration"] = frame["duration"].dt.total_seconds().round(2)
+    reported = frame.filter(like="intermediate_values_")  # a column per epoch
+    frame = frame.drop(columns=reported.columns).assign(epochs_run=reported.notna().sum(axis=1))
     frame = frame.rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
-    frame = frame.rename(columns={"duration": "duration_s", "epochs": "epochs_run"})
+    frame = frame.rename(columns={"duration": "duration_s"})
     first = ["number", "state", *tuned, "value", "duration_s", "epochs_run"]
     columns = [c for c in first if c in frame] + [c for c in frame if c not in first]
     return str(frame[columns].to_csv(index=False))

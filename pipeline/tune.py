@@ -118,7 +118,7 @@ class Objective:
         previous_run = trial.user_attrs.get("mlflow_run_id")  # a retry inherits its attributes
         if previous_run:
             tracking.end_abandoned_run(previous_run, "FAILED", f"retried as trial {trial.number}")
-            for inherited in ("epochs", "process", "fail_reason", "pruned_reason"):
+            for inherited in ("process", "fail_reason", "pruned_reason"):
                 if inherited in trial.user_attrs:
                     trial.set_user_attr(inherited, None)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -170,7 +170,6 @@ class Objective:
 
     def judge(self, trial: optuna.Trial, epoch: Epoch) -> bool:
         """Reports an epoch to Optuna (retried through a database restart); True: prune."""
-        trial.set_user_attr("epochs", epoch.epoch)
         trial.report(epoch.val_accuracy, step=epoch.epoch)
         return bool(trial.should_prune())
 

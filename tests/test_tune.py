@@ -125,7 +125,7 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
         )
         assert child.data.params["train.batch_size"] == "16"  # the rest of params.yaml, dotted
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
-        assert steps == list(range(1, trial.user_attrs["epochs"] + 1))
+        assert steps == list(range(1, len(trial.intermediate_values) + 1))
 
     again = run(["dvc", "repro", "sweep/dvc.yaml"], project, **env)
     assert again.returncode == 0 and "Running stage" not in again.stdout
@@ -285,7 +285,7 @@ def test_a_killed_sweep_resumes_and_its_dead_trial_is_failed_and_retried(tmp_pat
             if (
                 len(trials) >= 2
                 and trials[1].state == State.RUNNING
-                and trials[1].user_attrs.get("epochs")
+                and bool(trials[1].intermediate_values)
             ):
                 break
         time.sleep(0.1)
