@@ -21,17 +21,9 @@ from pipeline.params_edit import rounded
 def trials_table(study: optuna.Study, tuned: list[str]) -> str:
     """Every trial as CSV: number, state, params, value (validation accuracy), duration (s),
     epochs run, reason."""
-    frame = study.trials_dataframe(
-        attrs=(
-            "number",
-            "state",
-            "params",
-            "value",
-            "duration",
-            "intermediate_values",
-            "user_attrs",
-        )
-    )
+    frame = study.trials_dataframe(attrs=(
+        "number", "state", "params", "value", "duration", "intermediate_values", "user_attrs"
+    ))  # fmt: skip
     if frame.empty:
         return ""
     frame["duration"] = frame["duration"].dt.total_seconds().round(2)
