@@ -96,7 +96,9 @@ def run_sweep(side: str, seed: int, args: argparse.Namespace, workdir: Path) -> 
         "seconds": round(seconds, 1),
         "sweep_rss_mb_after_each_trial": [round(r) for r in rss_after_trial],
         "sweep_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "trial_peak_rss_mb": [round(t.user_attrs.get("peak_rss_mb", 0)) for t in trials],
+        "trial_peak_rss_mb": [
+            round(t.user_attrs.get("fit", {}).get("peak_rss_mb", 0)) for t in trials
+        ],
     }
 
 

@@ -278,7 +278,7 @@ def measure(
 
     def coordination_of(trial: optuna.trial.FrozenTrial) -> float:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-        return float(seconds - trial.user_attrs["fit_seconds"])
+        return float(seconds - trial.user_attrs["fit"]["seconds"])
 
     coordination = sorted(map(coordination_of, finished))
     # Steady state: after every worker's first trial ended, before any worker's last one did.
@@ -322,7 +322,7 @@ def measure(
         "steady_coordination_seconds_p99": round(percentile(steady, 0.99), 3) if steady else None,
         "epoch_seconds": epoch_seconds,
         "stand_in_seconds_mean": round(
-            statistics.mean(t.user_attrs["fit_seconds"] for t in finished), 3
+            statistics.mean(t.user_attrs["fit"]["seconds"] for t in finished), 3
         ),
         "peak_postgres_connections_study": peaks["study"],
         "peak_postgres_connections_all": peaks["all"],

@@ -83,7 +83,7 @@ def main() -> None:
                 trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
                 finished = [t for t in trials if t.state.is_finished() and t.state.name != "FAIL"]
                 durations = [t.duration.total_seconds() for t in finished if t.duration]
-                fit_seconds = [t.user_attrs.get("fit_seconds", 0.0) for t in finished]
+                fit_seconds = [t.user_attrs.get("fit", {}).get("seconds", 0.0) for t in finished]
                 overhead = [d - f for d, f in zip(durations, fit_seconds, strict=True)]
                 results[str(count)] = {
                     "exit_codes": codes,

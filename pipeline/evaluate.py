@@ -6,8 +6,6 @@ model with its signature and registers it; the champion alias moves only to a be
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
+import pandas
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
 
 from pipeline import provenance, registry, tracking
 from pipeline.atomic import replacing, write_json, write_text
@@ -95,31 +94,19 @@ def flat_metrics(report: dict[str, object]) -> dict[str, float]:
 
 def confusion_csv(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...]) -> str:
     """actual,predicted per test image: DVC's confusion template counts them."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    writer.writerows(
-        (class_names[a], class_names[p]) for a, p in zip(labels, predictions, strict=True)
-    )
-    return out.getvalue()
+    names = np.asarray(class_names)
+    table = pandas.DataFrame({"actual": names[labels], "predicted": names[predictions]})
+    return str(table.to_csv(index=False))
 
 
 def draw_confusion(confusion: np.ndarray, class_names: tuple[str, ...], path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(8, 7))
-    image = axes.imshow(confusion, cmap="Blues")
-    axes.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    axes.set_yticks(range(len(class_names)), class_names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("actual")
+    shown = ConfusionMatrixDisplay(confusion, display_labels=list(class_names))
+    shown.plot(cmap="Blues", xticks_rotation=45, values_format="d", text_kw={"fontsize": 7})
     accuracy = np.trace(confusion) / max(confusion.sum(), 1)
-    axes.set_title(f"Test confusion matrix (accuracy {accuracy:.2%})")
-    threshold = confusion.max() / 2
-    for (row, col), count in np.ndenumerate(confusion):
-        axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                  color="white" if count > threshold else "black")  # fmt: skip
-    figure.colorbar(image, ax=axes)
-    figure.tight_layout()
-    _save(figure, path)
+    shown.ax_.set_title(f"Test confusion matrix (accuracy {accuracy:.2%})")
+    shown.figure_.set_size_inches(8, 7)
+    shown.figure_.tight_layout()
+    _save(shown.figure_, path)
 
 
 def draw_misclassified(

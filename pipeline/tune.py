@@ -153,8 +153,8 @@ class Objective:
             except BaseException:
                 tracking.set_tags({"optuna.state": "FAIL"})
                 raise
-            trial.set_user_attr("fit_seconds", outcome.fit_seconds)
-            trial.set_user_attr("peak_rss_mb", outcome.peak_rss_mb)
+            fit = {"seconds": outcome.fit_seconds, "peak_rss_mb": outcome.peak_rss_mb}
+            trial.set_user_attr("fit", fit)  # one storage write: each costs every trial ~8 ms
             if outcome.state == "pruned":
                 trial.set_user_attr("pruned_reason", outcome.reason)
                 tags = {"optuna.state": "PRUNED", "optuna.pruned_reason": outcome.reason}

@@ -71,13 +71,14 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
     processes = [t.user_attrs["process"] for t in study.trials]
     workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in study.trials}
     assert len(set(processes)) == 3 and not workers & set(processes) and len(workers) == 1
-    assert all(t.user_attrs["peak_rss_mb"] > 0 for t in study.trials)
+    assert all(t.user_attrs["fit"]["peak_rss_mb"] > 0 for t in study.trials)
     trials_csv = (project / "sweep/trials.csv").read_text().splitlines()
     assert trials_csv[0].split(",")[:8] == [
         "number", "state", "train.learning_rate", "train.momentum", "model.conv_dropout",
         "model.dense_dropout", "value", "duration_s",
     ]  # fmt: skip
-    assert "epochs_run" in trials_csv[0] and len(trials_csv) == 4
+    assert {"epochs_run", "fit_seconds", "fit_peak_rss_mb"} <= set(trials_csv[0].split(","))
+    assert len(trials_csv) == 4
     best = yaml.safe_load((project / "sweep/best_params.yaml").read_text())
     assert best["trial"] == study.best_trial.number
     assert best["val_accuracy"] == pytest.approx(study.best_value, abs=1e-6)
