@@ -28,6 +28,7 @@ from pipeline import sweep_report, tracking
 from pipeline.config import (
     ChoiceParams,
     Params,
+    is_integer,
     load_params,
     redacted,
     trial_values,
@@ -64,7 +65,7 @@ def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
         if isinstance(dimension, ChoiceParams):
             choices: list[Any] = list(dimension.choices)
             values[dotted] = trial.suggest_categorical(dotted, choices)
-        elif isinstance(current[dotted], int) and not isinstance(current[dotted], bool):
+        elif is_integer(current[dotted]):
             values[dotted] = trial.suggest_int(
                 dotted, int(dimension.low), int(dimension.high), log=dimension.log
             )
