@@ -30,9 +30,14 @@ def trials_table(study: optuna.Study, tuned: list[str]) -> str:
     frame["duration"] = frame["duration"].dt.total_seconds().round(2)
     reported = frame.filter(like="intermediate_values_")  # a column per epoch
     frame = frame.drop(columns=reported.columns).assign(epochs_run=reported.notna().sum(axis=1))
-    if "user_attrs_fit" in frame:  # one attribute in the storage, a column per figure here
+    if "user_attrs_fit" in frame:  # one attribute in the storage; two columns, as older trials
         fit = [f if isinstance(f, dict) else {} for f in frame.pop("user_attrs_fit")]
-        frame = frame.join(pandas.DataFrame(fit, index=frame.index).add_prefix("fit_"))
+        for key, column in (
+            ("seconds", "user_attrs_fit_seconds"),
+            ("peak_rss_mb", "user_attrs_peak_rss_mb"),
+        ):
+            values = pandas.Series([f.get(key) for f in fit], index=frame.index, dtype=float)
+            frame[column] = values.fillna(frame[column]) if column in frame else values
     frame = frame.rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
     frame = frame.rename(columns={"duration": "duration_s"})
     first = ["number", "state", *tuned, "value", "duration_s", "epochs_run"]

@@ -77,7 +77,7 @@ def test_a_sweep_runs_n_trials_records_them_and_resumes_to_a_new_total(tmp_path:
         "number", "state", "train.learning_rate", "train.momentum", "model.conv_dropout",
         "model.dense_dropout", "value", "duration_s",
     ]  # fmt: skip
-    assert {"epochs_run", "fit_seconds", "fit_peak_rss_mb"} <= set(trials_csv[0].split(","))
+    assert {"epochs_run", "fit_seconds", "peak_rss_mb"} <= set(trials_csv[0].split(","))
     assert len(trials_csv) == 4
     best = yaml.safe_load((project / "sweep/best_params.yaml").read_text())
     assert best["trial"] == study.best_trial.number
