@@ -29,7 +29,8 @@ def trials_table(study: optuna.Study, tuned: list[str]) -> str:
         return ""
     frame["duration"] = frame["duration"].dt.total_seconds().round(2)
     reported = frame.filter(like="intermediate_values_")  # a column per epoch
-    frame = frame.drop(columns=reported.columns).assign(epochs_run=reported.notna().sum(axis=1))
+    epochs_run = reported.notna().sum(axis=1).astype(int)  # no epoch reported at all: 0, not 0.0
+    frame = frame.drop(columns=reported.columns).assign(epochs_run=epochs_run)
     if "user_attrs_fit" in frame:  # one attribute in the storage; two columns, as older trials
         fit = [f if isinstance(f, dict) else {} for f in frame.pop("user_attrs_fit")]
         for key, column in (
