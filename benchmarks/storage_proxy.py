@@ -41,6 +41,7 @@ import optuna
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.figures import quantile, steady_window  # noqa: E402
 from tests.helpers import free_port, start_postgres  # noqa: E402
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the proxy's
@@ -98,10 +99,6 @@ def serve_proxy(url: str, port: int) -> None:
     )
 
 
-def percentile(values: list[float], share: float) -> float:
-    return values[min(len(values) - 1, round(share * (len(values) - 1)))]
-
-
 def measure(way: str, postgres: Any, args: argparse.Namespace) -> dict[str, Any]:
     import psycopg
 
@@ -146,8 +143,7 @@ def measure(way: str, postgres: Any, args: argparse.Namespace) -> dict[str, Any]
     study = optuna.load_study(study_name=STUDY, storage=url)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     timed = [t for trials in per_worker for t in trials]
-    after = max(min(end for _, end, _ in trials) for trials in per_worker)
-    before = min(max(end for _, end, _ in trials) for trials in per_worker)
+    after, before = steady_window([end for _, end, _ in trials] for trials in per_worker)
     everything = sorted(s for _, _, s in timed)
     steady = sorted(s for start, end, s in timed if start >= after and end <= before)
     return {
@@ -157,11 +153,11 @@ def measure(way: str, postgres: Any, args: argparse.Namespace) -> dict[str, Any]
         "not_complete_at_end": sum(s != optuna.trial.TrialState.COMPLETE for s in states),
         "wall_seconds": round(wall, 1),
         "trials_per_minute": round(60 * len(timed) / wall, 1),
-        "storage_seconds_p50": round(percentile(everything, 0.5), 3),
-        "storage_seconds_p99": round(percentile(everything, 0.99), 3),
+        "storage_seconds_p50": quantile(everything, 0.5),
+        "storage_seconds_p99": quantile(everything, 0.99),
         "steady_trials": len(steady),
-        "steady_storage_seconds_p50": round(percentile(steady, 0.5), 3) if steady else None,
-        "steady_storage_seconds_p99": round(percentile(steady, 0.99), 3) if steady else None,
+        "steady_storage_seconds_p50": quantile(steady, 0.5) if steady else None,
+        "steady_storage_seconds_p99": quantile(steady, 0.99) if steady else None,
         "steady_storage_seconds_mean": round(statistics.mean(steady), 3) if steady else None,
         "peak_postgres_connections": peak[0],
         "errors": errors,

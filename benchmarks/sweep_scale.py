@@ -61,6 +61,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.figures import quantile, steady_window  # noqa: E402
 from tests.helpers import (  # noqa: E402 - the tests' own server and data helpers
     STUDY,
     SWEEP,
@@ -285,8 +286,7 @@ def measure(
     by_worker: dict[str, list[Any]] = {}
     for trial in finished:
         by_worker.setdefault(trial.user_attrs["worker"], []).append(trial.datetime_complete)
-    after = max(min(ends) for ends in by_worker.values())
-    before = min(max(ends) for ends in by_worker.values())
+    after, before = steady_window(by_worker.values())
     steady = sorted(
         coordination_of(t) for t in finished
         if t.datetime_start >= after and t.datetime_complete <= before
@@ -305,9 +305,6 @@ def measure(
     nested_under = {r.data.tags.get("mlflow.parentRunId") for r in runs} - {None}
     requests = sum(int(f.read_text()) for f in counts.glob("*.txt"))
 
-    def percentile(values: list[float], share: float) -> float:
-        return values[min(len(values) - 1, round(share * (len(values) - 1)))]
-
     return {
         "workers": workers,
         "n_trials": trials,
@@ -315,11 +312,11 @@ def measure(
         "all_trials": len(trials_),
         "wall_seconds": round(wall, 1),
         "trials_per_minute": round(60 * len(finished) / wall, 1),
-        "coordination_seconds_p50": round(percentile(coordination, 0.5), 3),
-        "coordination_seconds_p99": round(percentile(coordination, 0.99), 3),
+        "coordination_seconds_p50": quantile(coordination, 0.5),
+        "coordination_seconds_p99": quantile(coordination, 0.99),
         "steady_trials": len(steady),
-        "steady_coordination_seconds_p50": round(percentile(steady, 0.5), 3) if steady else None,
-        "steady_coordination_seconds_p99": round(percentile(steady, 0.99), 3) if steady else None,
+        "steady_coordination_seconds_p50": quantile(steady, 0.5) if steady else None,
+        "steady_coordination_seconds_p99": quantile(steady, 0.99) if steady else None,
         "epoch_seconds": epoch_seconds,
         "stand_in_seconds_mean": round(
             statistics.mean(t.user_attrs["fit"]["seconds"] for t in finished), 3
