@@ -14,7 +14,7 @@ rounds. Goal: R of R, none lost, median within the no-fault median plus one grac
 
     python benchmarks/sweep_faults.py --rounds 10
 
-Writes benchmarks/results/sweep_faults.json.
+Writes benchmarks/results/sweep_faults.json (or `--name NAME`: NAME.json).
 """
 
 from __future__ import annotations
@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument(
         "--archive", type=Path, default=ROOT.parent / "shared/data/cifar-10-python.tar.gz"
     )
+    parser.add_argument("--name", default="sweep_faults", help="results/<name>.json")
     args = parser.parse_args()
 
     postgres = start_postgres()
@@ -237,7 +238,7 @@ def main() -> None:
         "fault_rounds": faulty,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sweep_faults.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if "rounds" not in k}, indent=2))
 
 
