@@ -64,9 +64,11 @@ TUNE = {  # a small real-data sweep: 6 trials of 2 epochs on 2% of the training 
 }  # fmt: skip
 
 
-def prepare(project: Path, archive: Path) -> None:
+def prepare(project: Path, archive: Path, precision: str | None) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tune"].update(TUNE)
+    if precision:  # float32 where bfloat16 is emulated (8x slower on AVX2)
+        params["train"]["precision"] = precision
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro", "preprocess"], project, CIFAR10_URL=str(archive))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -195,6 +197,9 @@ def main() -> None:
         "--archive", type=Path, default=ROOT.parent / "shared/data/cifar-10-python.tar.gz"
     )
     parser.add_argument("--name", default="sweep_faults", help="results/<name>.json")
+    parser.add_argument(
+        "--precision", choices=["float32", "mixed_bfloat16"], help="default: params.yaml's"
+    )
     args = parser.parse_args()
 
     postgres = start_postgres()
@@ -203,7 +208,7 @@ def main() -> None:
         client = server.client()
         try:
             project = copy_project(Path(tmp) / "project")
-            prepare(project, args.archive)
+            prepare(project, args.archive, args.precision)
             clean, faulty = [], []
             for i in range(args.rounds):  # alternated, so both kinds see the same machine load
                 if i < args.clean_rounds:
@@ -222,6 +227,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "sweep": TUNE,
+        "precision": args.precision or "params.yaml's",
         "rounds": args.rounds,
         "ended_by_themselves": sum(r["ended_by_itself"] for r in faulty),
         "trials_lost": sum(r["lost"] for r in faulty),
