@@ -243,8 +243,8 @@ def run_trials(study: optuna.Study, storage: Storage, params: Params) -> None:
         except optuna.exceptions.StorageInternalError as error:
             objective.abandon(f"its result could not be stored: {error_line(error)}")
             log.warning("Optuna storage %s: %s", redacted(storage.url), error_line(error))
-            try:
-                storage.get_study_id_from_name(study.study_name)  # waits up to connect_seconds
+            try:  # loading the study reads the storage, retried for up to tune.connect_seconds
+                optuna.load_study(study_name=study.study_name, storage=storage)
             except optuna.exceptions.StorageInternalError as lasting:
                 raise PipelineError(
                     f"Optuna storage {redacted(storage.url)} unusable for tune.connect_seconds = "
