@@ -144,8 +144,8 @@ def measure(way: str, postgres: Any, args: argparse.Namespace) -> dict[str, Any]
     states = [t.state for t in study.get_trials(deepcopy=False)]
     timed = [t for trials in per_worker for t in trials]
     after, before = steady_window([end for _, end, _ in trials] for trials in per_worker)
-    everything = sorted(s for _, _, s in timed)
-    steady = sorted(s for start, end, s in timed if start >= after and end <= before)
+    everything = [s for _, _, s in timed]
+    steady = [s for start, end, s in timed if start >= after and end <= before]
     return {
         "way": way,
         "workers": args.workers,

@@ -281,16 +281,16 @@ def measure(
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         return float(seconds - trial.user_attrs["fit"]["seconds"])
 
-    coordination = sorted(map(coordination_of, finished))
+    coordination = [coordination_of(t) for t in finished]
     # Steady state: after every worker's first trial ended, before any worker's last one did.
     by_worker: dict[str, list[Any]] = {}
     for trial in finished:
         by_worker.setdefault(trial.user_attrs["worker"], []).append(trial.datetime_complete)
     after, before = steady_window(by_worker.values())
-    steady = sorted(
+    steady = [
         coordination_of(t) for t in finished
         if t.datetime_start >= after and t.datetime_complete <= before
-    )  # fmt: skip
+    ]  # fmt: skip
     client = server.client()
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], max_results=50_000)
